@@ -1,0 +1,1 @@
+//! Bundle construction helpers.

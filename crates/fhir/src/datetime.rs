@@ -1,0 +1,1 @@
+//! FHIR date, dateTime and instant values as inclusive millisecond ranges.

@@ -1,0 +1,1 @@
+//! Extraction of index values from a resource, driven by the compiled search paths.

@@ -1,0 +1,1 @@
+//! tsunagi-server

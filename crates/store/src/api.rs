@@ -1,0 +1,197 @@
+//! The storage interface. Both backends implement [`Store`]; the conformance suite
+//! in [`crate::conformance`] runs unchanged against each.
+//!
+//! Invariants every backend keeps:
+//! - every write is a new version row (`version` 1, 2, ...); nothing is overwritten;
+//!   a delete is a version with `deleted = true` and no body;
+//! - search indexes and the `patient`/`author_org` columns always describe the
+//!   current version only, and change in the same transaction as the version row;
+//! - a [`Transaction`] dropped without `commit` rolls back; nothing is visible before commit;
+//! - the audit log is append-only and hash-chained; the head only moves forward.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tsunagi_fhir::{FhirResult, search::SearchQuery};
+
+/// One stored version of a resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResource {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: DateTime<Utc>,
+    pub deleted: bool,
+    /// The resource with `id`, `meta.versionId` and `meta.lastUpdated` set; None for a delete.
+    pub resource: Option<Value>,
+    /// Organisation code (医療機関等コード etc.) of whoever wrote this version.
+    pub author_org: Option<String>,
+}
+
+/// Who performs a write; recorded on the version row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteContext {
+    pub org: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Row-level restriction a caller's search runs under. The store applies it inside
+/// the query, so counts, pages and includes never reveal rows outside it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    /// Operator tools and internal services only.
+    Unrestricted,
+    /// A row is visible when any rule admits it. An empty list admits nothing.
+    AnyOf(Vec<ScopeRule>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScopeRule {
+    /// Resources in no patient's compartment (Organization, Practitioner, CodeSystem, ...).
+    NonPersonal,
+    /// Resources in this patient's compartment, optionally only these types.
+    Patient { id: String, types: Option<Vec<String>> },
+    /// Resources whose current version was written by this organisation.
+    AuthoredBy(String),
+}
+
+/// `_history` request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistoryQuery {
+    pub resource_type: Option<String>,
+    pub id: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub count: usize,
+    pub offset: usize,
+}
+
+/// Result of a search.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SearchResult {
+    /// Total matches (ignoring paging).
+    pub total: u64,
+    /// The page of matches, in order.
+    pub matches: Vec<StoredResource>,
+    /// `_include` / `_revinclude` results (within the same scope), deduplicated.
+    pub included: Vec<StoredResource>,
+}
+
+/// One appended audit record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub recorded: DateTime<Utc>,
+    pub record: Value,
+    /// Hex SHA-256 of the previous entry (64 zeros for the first).
+    pub prev_hash: String,
+    /// Hex SHA-256 over prev_hash, seq, recorded and the canonical record; see [`crate::audit::entry_hash`].
+    pub hash: String,
+}
+
+/// Filter for auditors' queries. All set fields must match.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub patient: Option<String>,
+    pub org: Option<String>,
+    pub user: Option<String>,
+    pub purpose: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub after_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// A client key registered for an organisation (SMART Backend Services `private_key_jwt`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientKey {
+    pub client_id: String,
+    pub org: String,
+    pub kid: String,
+    /// JWK (public) as JSON.
+    pub jwk: Value,
+    pub created: DateTime<Utc>,
+    pub revoked: bool,
+}
+
+/// A storage backend. Implementations are synchronous and thread-safe; the server
+/// calls them from blocking tasks.
+pub trait Store: Send + Sync + 'static {
+    /// "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+
+    /// Starts a read-write transaction. Dropping it without commit rolls back.
+    fn begin(&self) -> FhirResult<Box<dyn Transaction + '_>>;
+
+    /// Current version of a resource (including a delete marker), if it ever existed.
+    fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;
+
+    /// A specific version.
+    fn vread(&self, resource_type: &str, id: &str, version: i64) -> FhirResult<Option<StoredResource>>;
+
+    /// Versions newest first: of one resource, of one type, or of everything.
+    fn history(&self, query: &HistoryQuery) -> FhirResult<Vec<StoredResource>>;
+
+    /// Runs a search within the scope.
+    fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult>;
+
+    /// Everything in a patient's compartment (current, not deleted), the Patient first,
+    /// within the scope, paged by `count`/`offset`.
+    fn patient_compartment(&self, patient_id: &str, scope: &Scope, count: usize, offset: usize)
+    -> FhirResult<SearchResult>;
+
+    /// Appends audit records in one transaction, chained after the current head.
+    fn audit_append(&self, records: &[Value]) -> FhirResult<Vec<AuditEntry>>;
+
+    /// Audit entries in `seq` order, starting after `after_seq`, at most `limit`.
+    fn audit_scan(&self, after_seq: i64, limit: usize) -> FhirResult<Vec<AuditEntry>>;
+
+    /// Audit entries matching the filter, newest first.
+    fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>>;
+
+    /// Registers (or replaces, by client_id + kid) a client key.
+    fn put_client_key(&self, key: &ClientKey) -> FhirResult<()>;
+
+    /// Keys registered for a client id (revoked ones included, flagged).
+    fn client_keys(&self, client_id: &str) -> FhirResult<Vec<ClientKey>>;
+
+    /// Highest applied schema migration.
+    fn schema_version(&self) -> FhirResult<i64>;
+
+    /// Approximate size of the database in bytes (for benchmarks and metrics).
+    fn size_bytes(&self) -> FhirResult<u64>;
+}
+
+/// A read-write transaction: all-or-nothing.
+pub trait Transaction {
+    /// Creates a resource with the id the caller chose. 409 if the id is taken
+    /// (even by a deleted resource).
+    fn create(&mut self, resource_type: &str, id: &str, resource: Value, ctx: &WriteContext)
+    -> FhirResult<StoredResource>;
+
+    /// Updates (or creates, when absent: update-as-create) a resource. With
+    /// `if_match`, fails with 412 unless the current version equals it.
+    /// Returns the new version and whether it was created.
+    fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        if_match: Option<i64>,
+        ctx: &WriteContext,
+    ) -> FhirResult<(StoredResource, bool)>;
+
+    /// Logically deletes; returns the delete version, or None when there was nothing
+    /// live to delete (deleting twice is not an error).
+    fn delete(&mut self, resource_type: &str, id: &str, if_match: Option<i64>, ctx: &WriteContext)
+    -> FhirResult<Option<StoredResource>>;
+
+    /// Current version as seen inside this transaction.
+    fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;
+
+    /// Search inside this transaction (conditional create/update).
+    fn search(&mut self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult>;
+
+    /// Appends audit records as part of this transaction.
+    fn audit_append(&mut self, records: &[Value]) -> FhirResult<Vec<AuditEntry>>;
+
+    fn commit(self: Box<Self>) -> FhirResult<()>;
+}
