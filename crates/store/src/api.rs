@@ -106,6 +106,10 @@ pub struct ClientKey {
     pub client_id: String,
     pub org: String,
     pub kid: String,
+    /// Role the client's tokens carry (e.g. `doctor`, `insurer-staff`).
+    pub role: String,
+    /// User the client acts as, when it is bound to one person.
+    pub user: Option<String>,
     /// JWK (public) as JSON.
     pub jwk: Value,
     pub created: DateTime<Utc>,
