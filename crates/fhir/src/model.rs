@@ -72,7 +72,9 @@ static MODEL: LazyLock<Model> = LazyLock::new(|| {
     let raw: RawTables = serde_json::from_str(TABLES).expect("embedded R4 tables are valid JSON");
     let mut params: HashMap<String, HashMap<String, SearchParam>> = HashMap::new();
     for p in raw.search_parameters {
-        let Some(param_type) = ParamType::parse(&p.ptype) else { continue };
+        let Some(param_type) = ParamType::parse(&p.ptype) else {
+            continue;
+        };
         for base in &p.base {
             let targets: Vec<&String> = if base == "Resource" || base == "DomainResource" {
                 raw.resource_types.iter().collect()
@@ -134,7 +136,10 @@ impl Model {
 
     /// Search parameters that place a resource type in the Patient compartment.
     pub fn patient_compartment_params(&self, resource_type: &str) -> &[String] {
-        self.compartment.get(resource_type).map(Vec::as_slice).unwrap_or(&[])
+        self.compartment
+            .get(resource_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// Resource types that can be in a Patient compartment.
@@ -174,6 +179,9 @@ mod tests {
         assert_eq!(paths[0][0].ref_type.as_deref(), Some("Patient"));
         assert!(m.search_param("Patient", "birthdate").is_some());
         assert_eq!(m.choice_types("Observation.value").unwrap().len(), 11);
-        assert!(m.patient_compartment_params("Observation").contains(&"subject".to_string()));
+        assert!(
+            m.patient_compartment_params("Observation")
+                .contains(&"subject".to_string())
+        );
     }
 }

@@ -38,14 +38,37 @@ pub struct Issue {
 }
 
 impl Issue {
-    pub fn error(code: &'static str, expression: Option<String>, message: impl Into<String>) -> Self {
-        Issue { severity: Severity::Error, code, expression, message: message.into() }
+    pub fn error(
+        code: &'static str,
+        expression: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Issue {
+            severity: Severity::Error,
+            code,
+            expression,
+            message: message.into(),
+        }
     }
-    pub fn warning(code: &'static str, expression: Option<String>, message: impl Into<String>) -> Self {
-        Issue { severity: Severity::Warning, code, expression, message: message.into() }
+    pub fn warning(
+        code: &'static str,
+        expression: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Issue {
+            severity: Severity::Warning,
+            code,
+            expression,
+            message: message.into(),
+        }
     }
     pub fn information(message: impl Into<String>) -> Self {
-        Issue { severity: Severity::Information, code: "informational", expression: None, message: message.into() }
+        Issue {
+            severity: Severity::Information,
+            code: "informational",
+            expression: None,
+            message: message.into(),
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -80,8 +103,16 @@ pub struct FhirError {
 }
 
 impl FhirError {
-    pub fn new(status: u16, code: &'static str, expression: Option<String>, message: impl Into<String>) -> Self {
-        FhirError { status, issues: vec![Issue::error(code, expression, message)] }
+    pub fn new(
+        status: u16,
+        code: &'static str,
+        expression: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        FhirError {
+            status,
+            issues: vec![Issue::error(code, expression, message)],
+        }
     }
     pub fn with_issues(status: u16, issues: Vec<Issue>) -> Self {
         FhirError { status, issues }
@@ -163,7 +194,11 @@ mod tests {
 
     #[test]
     fn within_rewrites_root() {
-        let e = FhirError::invalid_element("Patient.birthDate", "x").within("Bundle.entry[2].resource");
-        assert_eq!(e.issues[0].expression.as_deref(), Some("Bundle.entry[2].resource.birthDate"));
+        let e =
+            FhirError::invalid_element("Patient.birthDate", "x").within("Bundle.entry[2].resource");
+        assert_eq!(
+            e.issues[0].expression.as_deref(),
+            Some("Bundle.entry[2].resource.birthDate")
+        );
     }
 }

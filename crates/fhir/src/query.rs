@@ -1,6 +1,6 @@
 //! Parsing FHIR search URL parameters into a validated [`SearchQuery`].
-use crate::search::SearchQuery;
 use crate::FhirResult;
+use crate::search::SearchQuery;
 
 /// Page size when `_count` is absent.
 pub const DEFAULT_COUNT: usize = 50;

@@ -53,15 +53,33 @@ impl ParamType {
 pub enum IndexValue {
     /// String params: `norm` is case- and width-folded (NFKC + lowercase) for the
     /// default starts-with match; `exact` is the original for `:exact`.
-    String { norm: String, exact: String },
+    String {
+        norm: String,
+        exact: String,
+    },
     /// Token params (code, Coding, CodeableConcept, Identifier, boolean, ContactPoint).
-    Token { system: Option<String>, code: String },
+    Token {
+        system: Option<String>,
+        code: String,
+    },
     /// Date params as an inclusive range of epoch milliseconds (UTC).
-    Date { lo: i64, hi: i64 },
-    Number { value: f64 },
-    Quantity { value: f64, system: Option<String>, code: Option<String> },
+    Date {
+        lo: i64,
+        hi: i64,
+    },
+    Number {
+        value: f64,
+    },
+    Quantity {
+        value: f64,
+        system: Option<String>,
+        code: Option<String>,
+    },
     /// A reference: relative `Type/id` splits into both; an absolute URL keeps `target_type` None.
-    Reference { target_type: Option<String>, target_id: String },
+    Reference {
+        target_type: Option<String>,
+        target_id: String,
+    },
     Uri(String),
 }
 
@@ -152,8 +170,14 @@ pub enum StringMode {
 pub enum Criterion {
     Id(Vec<String>),
     LastUpdated(Vec<DateMatch>),
-    String { mode: StringMode, values: Vec<String> },
-    Token { values: Vec<TokenMatch>, negate: bool },
+    String {
+        mode: StringMode,
+        values: Vec<String>,
+    },
+    Token {
+        values: Vec<TokenMatch>,
+        negate: bool,
+    },
     Date(Vec<DateMatch>),
     Number(Vec<NumberMatch>),
     Quantity(Vec<NumberMatch>),
@@ -223,7 +247,10 @@ impl SearchQuery {
     }
 
     pub fn with(mut self, param: &str, criterion: Criterion) -> Self {
-        self.clauses.push(Clause { param: param.to_string(), criterion });
+        self.clauses.push(Clause {
+            param: param.to_string(),
+            criterion,
+        });
         self
     }
 }
