@@ -49,7 +49,10 @@ pub enum ScopeRule {
     /// Resources in no patient's compartment (Organization, Practitioner, CodeSystem, ...).
     NonPersonal,
     /// Resources in this patient's compartment, optionally only these types.
-    Patient { id: String, types: Option<Vec<String>> },
+    Patient {
+        id: String,
+        types: Option<Vec<String>>,
+    },
     /// Resources whose current version was written by this organisation.
     AuthoredBy(String),
 }
@@ -129,7 +132,12 @@ pub trait Store: Send + Sync + 'static {
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;
 
     /// A specific version.
-    fn vread(&self, resource_type: &str, id: &str, version: i64) -> FhirResult<Option<StoredResource>>;
+    fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> FhirResult<Option<StoredResource>>;
 
     /// Versions newest first: of one resource, of one type, or of everything.
     fn history(&self, query: &HistoryQuery) -> FhirResult<Vec<StoredResource>>;
@@ -139,8 +147,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Everything in a patient's compartment (current, not deleted), the Patient first,
     /// within the scope, paged by `count`/`offset`.
-    fn patient_compartment(&self, patient_id: &str, scope: &Scope, count: usize, offset: usize)
-    -> FhirResult<SearchResult>;
+    fn patient_compartment(
+        &self,
+        patient_id: &str,
+        scope: &Scope,
+        count: usize,
+        offset: usize,
+    ) -> FhirResult<SearchResult>;
 
     /// Appends audit records in one transaction, chained after the current head.
     fn audit_append(&self, records: &[Value]) -> FhirResult<Vec<AuditEntry>>;
@@ -168,8 +181,13 @@ pub trait Store: Send + Sync + 'static {
 pub trait Transaction {
     /// Creates a resource with the id the caller chose. 409 if the id is taken
     /// (even by a deleted resource).
-    fn create(&mut self, resource_type: &str, id: &str, resource: Value, ctx: &WriteContext)
-    -> FhirResult<StoredResource>;
+    fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        ctx: &WriteContext,
+    ) -> FhirResult<StoredResource>;
 
     /// Updates (or creates, when absent: update-as-create) a resource. With
     /// `if_match`, fails with 412 unless the current version equals it.
@@ -185,8 +203,13 @@ pub trait Transaction {
 
     /// Logically deletes; returns the delete version, or None when there was nothing
     /// live to delete (deleting twice is not an error).
-    fn delete(&mut self, resource_type: &str, id: &str, if_match: Option<i64>, ctx: &WriteContext)
-    -> FhirResult<Option<StoredResource>>;
+    fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        ctx: &WriteContext,
+    ) -> FhirResult<Option<StoredResource>>;
 
     /// Current version as seen inside this transaction.
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;

@@ -1,0 +1,1759 @@
+//! The conformance suite every backend must pass, unchanged.
+//!
+//! Each case is a `pub fn(&dyn Harness)`; [`conformance_tests!`](crate::conformance_tests)
+//! expands to one `#[test]` per case for a backend, e.g.
+//! `tsunagi_store::conformance_tests!(make_store);` where
+//! `fn make_store() -> Option<Box<dyn Harness>>` returns None to skip (after
+//! printing why). Cases panic on failure, like any test.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tsunagi_fhir::FhirResult;
+use tsunagi_fhir::datetime::parse_range;
+use tsunagi_fhir::index::normalize_string;
+use tsunagi_fhir::search::{
+    Criterion, DateMatch, Include, NumberMatch, ParamType, Prefix, RefMatch, SearchQuery, SortKey,
+    StringMode, Summary, TokenMatch,
+};
+
+use crate::api::*;
+use crate::audit::{self, ChainProblem, ProblemKind};
+
+/// A store under test plus the raw-SQL hook the tamper cases need.
+pub trait Harness {
+    fn store(&self) -> &dyn Store;
+    /// Executes raw SQL (test hook; tampering with the audit log).
+    fn raw_execute(&self, sql: &str) -> FhirResult<()>;
+}
+
+impl Harness for crate::sqlite::SqliteStore {
+    fn store(&self) -> &dyn Store {
+        self
+    }
+    fn raw_execute(&self, sql: &str) -> FhirResult<()> {
+        crate::sqlite::SqliteStore::raw_execute(self, sql)
+    }
+}
+
+/// Expands to one `#[test]` per conformance case. `$make` is a path to
+/// `fn() -> Option<Box<dyn Harness>>`; None skips the case.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path) => {
+        $crate::conformance_tests!(@cases $make;
+            create_read_vread,
+            versions_increase,
+            update_if_match,
+            update_as_create,
+            delete_and_history,
+            create_existing_conflicts,
+            rollback_on_drop,
+            transaction_sees_own_writes,
+            search_token,
+            search_string,
+            search_date,
+            search_number_and_quantity,
+            search_reference_and_uri,
+            search_missing,
+            search_id_and_last_updated,
+            search_and_or,
+            deleted_never_match,
+            sort_and_paging,
+            summary_count,
+            include_and_revinclude,
+            scope_filtering,
+            patient_compartment,
+            history_since_and_paging,
+            audit_chain_verifies,
+            audit_query_filters,
+            audit_tamper_detection,
+            client_keys_roundtrip,
+            concurrent_writers,
+            schema_and_size,
+        );
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                if let Some(h) = $make() {
+                    $crate::conformance::$case(&*h);
+                }
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------- helpers
+
+const MRN: &str = "urn:oid:1.2.392.100495.20.3.51.1";
+const LOINC: &str = "http://loinc.org";
+const UCUM: &str = "http://unitsofmeasure.org";
+
+fn ctx(org: &str) -> WriteContext {
+    WriteContext {
+        org: Some(org.to_string()),
+        user: Some(format!("{org}-user")),
+    }
+}
+
+fn patient(id: &str, family: &str, birth: Option<&str>, gender: &str) -> Value {
+    let mut p = json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": MRN, "value": format!("MRN-{id}")}],
+        "name": [{"family": family, "given": ["Taro"]}],
+        "gender": gender,
+    });
+    if let Some(b) = birth {
+        p["birthDate"] = json!(b);
+    }
+    p
+}
+
+fn observation(patient: &str, code: &str, date: &str, value: f64, unit: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": format!("Patient/{patient}")},
+        "effectiveDateTime": date,
+        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
+    })
+}
+
+/// Creates all resources in one transaction as `org`.
+fn seed(s: &dyn Store, org: &str, items: Vec<(&str, &str, Value)>) {
+    let mut tx = s.begin().expect("begin");
+    for (rt, id, v) in items {
+        tx.create(rt, id, v, &ctx(org)).expect("create");
+    }
+    tx.commit().expect("commit");
+}
+
+fn ids(r: &SearchResult) -> Vec<String> {
+    r.matches.iter().map(|m| m.id.clone()).collect()
+}
+
+fn sorted_ids(r: &SearchResult) -> Vec<String> {
+    let mut v = ids(r);
+    v.sort();
+    v
+}
+
+fn inc_ids(r: &SearchResult) -> Vec<String> {
+    let mut v: Vec<String> = r
+        .included
+        .iter()
+        .map(|m| format!("{}/{}", m.resource_type, m.id))
+        .collect();
+    v.sort();
+    v
+}
+
+fn search(s: &dyn Store, q: &SearchQuery) -> SearchResult {
+    s.search(q, &Scope::Unrestricted).expect("search")
+}
+
+fn find(s: &dyn Store, rt: &str, param: &str, c: Criterion) -> Vec<String> {
+    let r = search(s, &SearchQuery::new(rt).with(param, c));
+    assert_eq!(
+        r.total as usize,
+        r.matches.len(),
+        "total of an unpaged search"
+    );
+    sorted_ids(&r)
+}
+
+fn v(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn dm(prefix: Prefix, s: &str) -> DateMatch {
+    let (lo, hi) = parse_range(s).expect("test date");
+    DateMatch { prefix, lo, hi }
+}
+
+fn tok(system: Option<Option<&str>>, code: Option<&str>) -> TokenMatch {
+    TokenMatch {
+        system: system.map(|s| s.map(str::to_string)),
+        code: code.map(str::to_string),
+    }
+}
+
+fn token(values: Vec<TokenMatch>) -> Criterion {
+    Criterion::Token {
+        values,
+        negate: false,
+    }
+}
+
+fn string(mode: StringMode, value: &str) -> Criterion {
+    let value = if mode == StringMode::Exact {
+        value.to_string()
+    } else {
+        normalize_string(value)
+    };
+    Criterion::String {
+        mode,
+        values: vec![value],
+    }
+}
+
+fn num(prefix: Prefix, value: f64, half: f64) -> NumberMatch {
+    NumberMatch {
+        prefix,
+        value,
+        lo: value - half,
+        hi: value + half,
+        system: None,
+        code: None,
+    }
+}
+
+fn sleep_ms(ms: u64) {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+}
+
+fn is_instant_ms(s: &str) -> bool {
+    // 2026-11-21T10:00:00.123Z
+    s.len() == 24
+        && s.ends_with('Z')
+        && s.as_bytes()[10] == b'T'
+        && s.as_bytes()[19] == b'.'
+        && DateTime::parse_from_rfc3339(s).is_ok()
+}
+
+// ---------------------------------------------------------------- cases
+
+pub fn create_read_vread(h: &dyn Harness) {
+    let s = h.store();
+    let mut tx = s.begin().unwrap();
+    let c = tx
+        .create(
+            "Patient",
+            "p1",
+            patient("p1", "Yamada", Some("1980-05-01"), "male"),
+            &ctx("A"),
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        (c.version, c.deleted, c.author_org.as_deref()),
+        (1, false, Some("A"))
+    );
+    let body = c.resource.clone().unwrap();
+    assert_eq!(body["id"], "p1");
+    assert_eq!(body["resourceType"], "Patient");
+    assert_eq!(body["meta"]["versionId"], "1");
+    let lu = body["meta"]["lastUpdated"].as_str().unwrap();
+    assert!(is_instant_ms(lu), "lastUpdated {lu}");
+    assert_eq!(crate::format_instant(&c.last_updated), lu);
+
+    let r = s.read("Patient", "p1").unwrap().unwrap();
+    assert_eq!(r, c);
+    assert_eq!(s.vread("Patient", "p1", 1).unwrap().unwrap(), c);
+    assert!(s.vread("Patient", "p1", 2).unwrap().is_none());
+    assert!(s.read("Patient", "nope").unwrap().is_none());
+    assert!(s.read("Observation", "p1").unwrap().is_none());
+    assert_eq!(s.backend(), s.backend());
+
+    // a mismatched resourceType and an invalid id are rejected
+    let mut tx = s.begin().unwrap();
+    let e = tx
+        .create(
+            "Observation",
+            "x",
+            patient("x", "A", None, "male"),
+            &ctx("A"),
+        )
+        .unwrap_err();
+    assert_eq!(e.status, 400);
+    let e = tx
+        .create(
+            "Patient",
+            "bad id!",
+            patient("x", "A", None, "male"),
+            &ctx("A"),
+        )
+        .unwrap_err();
+    assert_eq!(e.status, 400);
+}
+
+pub fn versions_increase(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    let mut last = s.read("Patient", "p1").unwrap().unwrap();
+    for n in 2..=4 {
+        let mut tx = s.begin().unwrap();
+        let (u, created) = tx
+            .update(
+                "Patient",
+                "p1",
+                patient("p1", &format!("Yamada{n}"), None, "male"),
+                None,
+                &ctx("B"),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        assert!(!created);
+        assert_eq!(u.version, n);
+        assert_eq!(
+            u.resource.as_ref().unwrap()["meta"]["versionId"],
+            json!(n.to_string())
+        );
+        assert!(
+            u.last_updated > last.last_updated,
+            "lastUpdated strictly increases"
+        );
+        assert_eq!(u.author_org.as_deref(), Some("B"));
+        last = u;
+    }
+    assert_eq!(s.read("Patient", "p1").unwrap().unwrap(), last);
+    assert_eq!(
+        s.vread("Patient", "p1", 2)
+            .unwrap()
+            .unwrap()
+            .resource
+            .unwrap()["name"][0]["family"],
+        "Yamada2"
+    );
+}
+
+pub fn update_if_match(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    let mut tx = s.begin().unwrap();
+    let (u, _) = tx
+        .update(
+            "Patient",
+            "p1",
+            patient("p1", "Sato", None, "male"),
+            Some(1),
+            &ctx("A"),
+        )
+        .unwrap();
+    assert_eq!(u.version, 2);
+    let e = tx
+        .update(
+            "Patient",
+            "p1",
+            patient("p1", "Kato", None, "male"),
+            Some(1),
+            &ctx("A"),
+        )
+        .unwrap_err();
+    assert_eq!(e.status, 412);
+    let e = tx.delete("Patient", "p1", Some(1), &ctx("A")).unwrap_err();
+    assert_eq!(e.status, 412);
+    let e = tx
+        .update(
+            "Patient",
+            "missing",
+            patient("missing", "Kato", None, "male"),
+            Some(1),
+            &ctx("A"),
+        )
+        .unwrap_err();
+    assert_eq!(e.status, 412);
+    tx.commit().unwrap();
+    let r = s.read("Patient", "p1").unwrap().unwrap();
+    assert_eq!(
+        (r.version, r.resource.unwrap()["name"][0]["family"].clone()),
+        (2, json!("Sato"))
+    );
+}
+
+pub fn update_as_create(h: &dyn Harness) {
+    let s = h.store();
+    let mut tx = s.begin().unwrap();
+    let (u, created) = tx
+        .update(
+            "Patient",
+            "new",
+            patient("new", "Ito", None, "male"),
+            None,
+            &ctx("A"),
+        )
+        .unwrap();
+    assert!(created);
+    assert_eq!(u.version, 1);
+    let d = tx
+        .delete("Patient", "new", None, &ctx("A"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.version, 2);
+    let (u, created) = tx
+        .update(
+            "Patient",
+            "new",
+            patient("new", "Ito", None, "male"),
+            None,
+            &ctx("A"),
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    assert!(created, "update after delete re-creates");
+    assert_eq!(u.version, 3);
+    assert!(!s.read("Patient", "new").unwrap().unwrap().deleted);
+    assert_eq!(
+        find(
+            s,
+            "Patient",
+            "family",
+            string(StringMode::StartsWith, "Ito")
+        ),
+        v(&["new"])
+    );
+}
+
+pub fn delete_and_history(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Patient",
+        "p1",
+        patient("p1", "Sato", None, "male"),
+        None,
+        &ctx("A"),
+    )
+    .unwrap();
+    let d = tx
+        .delete("Patient", "p1", Some(2), &ctx("B"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        tx.delete("Patient", "p1", None, &ctx("B"))
+            .unwrap()
+            .is_none(),
+        "deleting twice is not an error"
+    );
+    assert!(
+        tx.delete("Patient", "never", None, &ctx("B"))
+            .unwrap()
+            .is_none()
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        (d.version, d.deleted, d.resource.is_none()),
+        (3, true, true)
+    );
+
+    let r = s.read("Patient", "p1").unwrap().unwrap();
+    assert!(r.deleted && r.resource.is_none());
+    assert_eq!(r.version, 3);
+    let hist = s
+        .history(&HistoryQuery {
+            resource_type: Some("Patient".into()),
+            id: Some("p1".into()),
+            count: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        hist.iter()
+            .map(|x| (x.version, x.deleted))
+            .collect::<Vec<_>>(),
+        vec![(3, true), (2, false), (1, false)]
+    );
+    assert_eq!(
+        hist[2].resource.as_ref().unwrap()["name"][0]["family"],
+        "Yamada"
+    );
+    assert!(
+        find(
+            s,
+            "Patient",
+            "family",
+            string(StringMode::StartsWith, "Sato")
+        )
+        .is_empty()
+    );
+    assert!(
+        find(
+            s,
+            "Patient",
+            "identifier",
+            token(vec![tok(None, Some("MRN-p1"))])
+        )
+        .is_empty()
+    );
+}
+
+pub fn create_existing_conflicts(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    let mut tx = s.begin().unwrap();
+    let e = tx
+        .create(
+            "Patient",
+            "p1",
+            patient("p1", "Sato", None, "male"),
+            &ctx("A"),
+        )
+        .unwrap_err();
+    assert_eq!(e.status, 409);
+    tx.delete("Patient", "p1", None, &ctx("A")).unwrap();
+    let e = tx
+        .create(
+            "Patient",
+            "p1",
+            patient("p1", "Sato", None, "male"),
+            &ctx("A"),
+        )
+        .unwrap_err();
+    assert_eq!(e.status, 409, "a deleted id stays taken");
+    // same id, other type is fine
+    tx.create(
+        "Observation",
+        "p1",
+        observation("p1", "29463-7", "2024-01-01", 60.0, "kg"),
+        &ctx("A"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+pub fn rollback_on_drop(h: &dyn Harness) {
+    let s = h.store();
+    {
+        let mut tx = s.begin().unwrap();
+        tx.create(
+            "Patient",
+            "p1",
+            patient("p1", "Yamada", Some("1980-05-01"), "male"),
+            &ctx("A"),
+        )
+        .unwrap();
+        tx.audit_append(&[json!({"action": "create", "patient": "p1"})])
+            .unwrap();
+        assert!(tx.read("Patient", "p1").unwrap().is_some());
+        // dropped without commit
+    }
+    assert!(s.read("Patient", "p1").unwrap().is_none());
+    assert!(s.history(&HistoryQuery::default()).unwrap().is_empty());
+    assert!(
+        find(
+            s,
+            "Patient",
+            "family",
+            string(StringMode::StartsWith, "yamada")
+        )
+        .is_empty()
+    );
+    assert!(find(s, "Patient", "birthdate", Criterion::Missing(false)).is_empty());
+    assert!(s.audit_scan(0, 10).unwrap().is_empty());
+    // the id is free and the chain starts at 1 afterwards
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    let e = s.audit_append(&[json!({"action": "x"})]).unwrap();
+    assert_eq!(e[0].seq, 1);
+    assert_eq!(e[0].prev_hash, audit::GENESIS_HASH);
+    // an error inside a transaction does not poison the store
+    let mut tx = s.begin().unwrap();
+    assert!(
+        tx.create("Patient", "p1", patient("p1", "X", None, "male"), &ctx("A"))
+            .is_err()
+    );
+    drop(tx);
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p2", patient("p2", "Yamada", None, "male"))],
+    );
+}
+
+pub fn transaction_sees_own_writes(h: &dyn Harness) {
+    let s = h.store();
+    let mut tx = s.begin().unwrap();
+    tx.create(
+        "Patient",
+        "p1",
+        patient("p1", "Yamada", None, "male"),
+        &ctx("A"),
+    )
+    .unwrap();
+    let q = SearchQuery::new("Patient").with(
+        "identifier",
+        token(vec![tok(Some(Some(MRN)), Some("MRN-p1"))]),
+    );
+    let r = tx.search(&q, &Scope::Unrestricted).unwrap();
+    assert_eq!(ids(&r), v(&["p1"]));
+    assert_eq!(tx.read("Patient", "p1").unwrap().unwrap().version, 1);
+    tx.commit().unwrap();
+}
+
+fn seed_patients(s: &dyn Store) {
+    let mut p3 = patient("p3", "ﾔﾏﾀﾞ", Some("2000-12-31"), "female");
+    p3["identifier"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"value": "LOCAL-1"}));
+    seed(
+        s,
+        "A",
+        vec![
+            (
+                "Patient",
+                "p1",
+                patient("p1", "Yamada", Some("1980-05-01"), "male"),
+            ),
+            (
+                "Patient",
+                "p2",
+                patient("p2", "Sato", Some("1990-01-15"), "male"),
+            ),
+            ("Patient", "p3", p3),
+            ("Patient", "p4", patient("p4", "100%_pure", None, "other")),
+            ("Patient", "p5", patient("p5", "10x", None, "female")),
+        ],
+    );
+}
+
+pub fn search_token(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    let f = |m: Vec<TokenMatch>| find(s, "Patient", "identifier", token(m));
+    assert_eq!(f(vec![tok(Some(Some(MRN)), Some("MRN-p2"))]), v(&["p2"]));
+    assert_eq!(f(vec![tok(None, Some("MRN-p2"))]), v(&["p2"]));
+    assert_eq!(
+        f(vec![tok(Some(Some("urn:other")), Some("MRN-p2"))]),
+        Vec::<String>::new()
+    );
+    assert_eq!(f(vec![tok(Some(None), Some("LOCAL-1"))]), v(&["p3"]));
+    assert_eq!(
+        f(vec![tok(Some(None), Some("MRN-p2"))]),
+        Vec::<String>::new(),
+        "|code needs no system"
+    );
+    assert_eq!(f(vec![tok(None, Some("LOCAL-1"))]), v(&["p3"]));
+    assert_eq!(
+        f(vec![tok(Some(Some(MRN)), Some("LOCAL-1"))]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        f(vec![tok(Some(Some(MRN)), None)]),
+        v(&["p1", "p2", "p3", "p4", "p5"])
+    );
+    assert_eq!(
+        f(vec![tok(None, Some("MRN-p1")), tok(None, Some("MRN-p4"))]),
+        v(&["p1", "p4"])
+    );
+    assert_eq!(
+        find(
+            s,
+            "Patient",
+            "gender",
+            token(vec![tok(None, Some("female"))])
+        ),
+        v(&["p3", "p5"])
+    );
+    let not_male = Criterion::Token {
+        values: vec![tok(None, Some("male"))],
+        negate: true,
+    };
+    assert_eq!(
+        find(s, "Patient", "gender", not_male),
+        v(&["p3", "p4", "p5"])
+    );
+    let not_either = Criterion::Token {
+        values: vec![tok(None, Some("male")), tok(None, Some("female"))],
+        negate: true,
+    };
+    assert_eq!(find(s, "Patient", "gender", not_either), v(&["p4"]));
+}
+
+pub fn search_string(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    let f = |mode, val: &str| find(s, "Patient", "family", string(mode, val));
+    assert_eq!(f(StringMode::StartsWith, "yam"), v(&["p1"]));
+    assert_eq!(f(StringMode::StartsWith, "YAMADA"), v(&["p1"]));
+    assert_eq!(
+        f(StringMode::StartsWith, "ヤマ"),
+        v(&["p3"]),
+        "half-width kana folds to full width"
+    );
+    assert_eq!(f(StringMode::StartsWith, "ada"), Vec::<String>::new());
+    assert_eq!(f(StringMode::Contains, "ada"), v(&["p1"]));
+    assert_eq!(f(StringMode::Contains, "マダ"), v(&["p3"]));
+    assert_eq!(f(StringMode::Exact, "Yamada"), v(&["p1"]));
+    assert_eq!(f(StringMode::Exact, "yamada"), Vec::<String>::new());
+    assert_eq!(f(StringMode::Exact, "ﾔﾏﾀﾞ"), v(&["p3"]));
+    // LIKE wildcards are literal
+    assert_eq!(f(StringMode::StartsWith, "10%"), Vec::<String>::new());
+    assert_eq!(f(StringMode::StartsWith, "10_"), Vec::<String>::new());
+    assert_eq!(f(StringMode::StartsWith, "100%_"), v(&["p4"]));
+    assert_eq!(f(StringMode::StartsWith, "10"), v(&["p4", "p5"]));
+    assert_eq!(f(StringMode::Contains, "%_"), v(&["p4"]));
+    assert_eq!(f(StringMode::Contains, "_"), v(&["p4"]));
+    // `name` covers family and given
+    assert_eq!(
+        find(s, "Patient", "name", string(StringMode::StartsWith, "taro")).len(),
+        5
+    );
+    let two = Criterion::String {
+        mode: StringMode::StartsWith,
+        values: vec!["sat".into(), "yam".into()],
+    };
+    assert_eq!(find(s, "Patient", "family", two), v(&["p1", "p2"]));
+}
+
+pub fn search_date(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    let f = |p, d: &str| find(s, "Patient", "birthdate", Criterion::Date(vec![dm(p, d)]));
+    assert_eq!(f(Prefix::Eq, "1990"), v(&["p2"]));
+    assert_eq!(f(Prefix::Eq, "1990-01-15"), v(&["p2"]));
+    assert_eq!(f(Prefix::Eq, "1990-01-16"), Vec::<String>::new());
+    assert_eq!(f(Prefix::Ne, "1990"), v(&["p1", "p3"]));
+    assert_eq!(f(Prefix::Lt, "1990-01-15"), v(&["p1"]));
+    assert_eq!(f(Prefix::Le, "1990-01-15"), v(&["p1", "p2"]));
+    assert_eq!(f(Prefix::Gt, "1990-01-15"), v(&["p3"]));
+    assert_eq!(f(Prefix::Ge, "1990-01-15"), v(&["p2", "p3"]));
+    assert_eq!(f(Prefix::Sa, "1990"), v(&["p3"]));
+    assert_eq!(f(Prefix::Eb, "1990"), v(&["p1"]));
+    assert_eq!(f(Prefix::Ap, "1990-01"), v(&["p2"]));
+    let or = Criterion::Date(vec![dm(Prefix::Eq, "1980"), dm(Prefix::Eq, "2000")]);
+    assert_eq!(find(s, "Patient", "birthdate", or), v(&["p1", "p3"]));
+    // a resource range partly inside the search range: eq fails, ap matches
+    seed(
+        s,
+        "A",
+        vec![(
+            "Observation",
+            "o1",
+            observation("p1", "29463-7", "2024-03", 60.0, "kg"),
+        )],
+    );
+    let f = |p, d: &str| find(s, "Observation", "date", Criterion::Date(vec![dm(p, d)]));
+    assert_eq!(f(Prefix::Eq, "2024-03-10"), Vec::<String>::new());
+    assert_eq!(f(Prefix::Ap, "2024-03-10"), v(&["o1"]));
+    assert_eq!(f(Prefix::Eq, "2024"), v(&["o1"]));
+}
+
+pub fn search_number_and_quantity(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![
+            (
+                "Observation",
+                "o1",
+                observation("p1", "29463-7", "2024-01-01", 60.0, "kg"),
+            ),
+            (
+                "Observation",
+                "o2",
+                observation("p1", "29463-7", "2024-02-01", 72.5, "kg"),
+            ),
+            (
+                "Observation",
+                "o3",
+                observation("p1", "29463-7", "2024-03-01", 72500.0, "g"),
+            ),
+            (
+                "ChargeItem",
+                "c1",
+                json!({"resourceType": "ChargeItem", "status": "billed", "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}, "factorOverride": 0.5}),
+            ),
+            (
+                "ChargeItem",
+                "c2",
+                json!({"resourceType": "ChargeItem", "status": "billed", "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}, "factorOverride": 1.5}),
+            ),
+        ],
+    );
+    let q = |m: NumberMatch| {
+        find(
+            s,
+            "Observation",
+            "value-quantity",
+            Criterion::Quantity(vec![m]),
+        )
+    };
+    assert_eq!(q(num(Prefix::Eq, 72.5, 0.05)), v(&["o2"]));
+    assert_eq!(q(num(Prefix::Eq, 72.0, 0.5)), Vec::<String>::new());
+    assert_eq!(q(num(Prefix::Eq, 60.0, 0.5)), v(&["o1"]));
+    assert_eq!(q(num(Prefix::Ne, 60.0, 0.5)), v(&["o2", "o3"]));
+    assert_eq!(q(num(Prefix::Gt, 60.0, 0.5)), v(&["o2", "o3"]));
+    assert_eq!(q(num(Prefix::Ge, 60.0, 0.5)), v(&["o1", "o2", "o3"]));
+    assert_eq!(q(num(Prefix::Lt, 72.5, 0.05)), v(&["o1"]));
+    assert_eq!(q(num(Prefix::Le, 72.5, 0.05)), v(&["o1", "o2"]));
+    assert_eq!(q(num(Prefix::Ap, 70.0, 0.5)), v(&["o2"]));
+    let kg = NumberMatch {
+        code: Some("kg".into()),
+        ..num(Prefix::Gt, 70.0, 0.5)
+    };
+    assert_eq!(
+        q(kg.clone()),
+        v(&["o2"]),
+        "code alone matches in any system"
+    );
+    assert_eq!(
+        q(NumberMatch {
+            system: Some(UCUM.into()),
+            ..kg.clone()
+        }),
+        v(&["o2"])
+    );
+    assert_eq!(
+        q(NumberMatch {
+            system: Some("urn:other".into()),
+            ..kg
+        }),
+        Vec::<String>::new()
+    );
+    let n = |m: NumberMatch| {
+        find(
+            s,
+            "ChargeItem",
+            "factor-override",
+            Criterion::Number(vec![m]),
+        )
+    };
+    assert_eq!(n(num(Prefix::Eq, 1.5, 0.05)), v(&["c2"]));
+    assert_eq!(n(num(Prefix::Lt, 1.0, 0.5)), v(&["c1"]));
+    assert_eq!(n(num(Prefix::Ge, 0.5, 0.05)), v(&["c1", "c2"]));
+    let or = Criterion::Number(vec![num(Prefix::Eq, 0.5, 0.05), num(Prefix::Eq, 1.5, 0.05)]);
+    assert_eq!(
+        find(s, "ChargeItem", "factor-override", or),
+        v(&["c1", "c2"])
+    );
+}
+
+pub fn search_reference_and_uri(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![
+            (
+                "Observation",
+                "o1",
+                observation("p1", "29463-7", "2024-01-01", 60.0, "kg"),
+            ),
+            (
+                "Observation",
+                "o2",
+                observation("p2", "29463-7", "2024-01-01", 60.0, "kg"),
+            ),
+            (
+                "CodeSystem",
+                "cs1",
+                json!({"resourceType": "CodeSystem", "url": "http://example.org/cs/a", "status": "active", "content": "complete"}),
+            ),
+            (
+                "CodeSystem",
+                "cs2",
+                json!({"resourceType": "CodeSystem", "url": "http://example.org/cs/b", "status": "active", "content": "complete"}),
+            ),
+        ],
+    );
+    let r = |t: Option<&str>, id: &str, p: &str| {
+        find(
+            s,
+            "Observation",
+            p,
+            Criterion::Reference(vec![RefMatch {
+                target_type: t.map(str::to_string),
+                target_id: id.into(),
+            }]),
+        )
+    };
+    assert_eq!(r(Some("Patient"), "p1", "subject"), v(&["o1"]));
+    assert_eq!(r(None, "p2", "subject"), v(&["o2"]));
+    assert_eq!(r(Some("Group"), "p1", "subject"), Vec::<String>::new());
+    assert_eq!(r(Some("Patient"), "p2", "patient"), v(&["o2"]));
+    let both = Criterion::Reference(vec![
+        RefMatch {
+            target_type: None,
+            target_id: "p1".into(),
+        },
+        RefMatch {
+            target_type: None,
+            target_id: "p2".into(),
+        },
+    ]);
+    assert_eq!(find(s, "Observation", "patient", both), v(&["o1", "o2"]));
+    let u = |x: &str| find(s, "CodeSystem", "url", Criterion::Uri(vec![x.into()]));
+    assert_eq!(u("http://example.org/cs/a"), v(&["cs1"]));
+    assert_eq!(u("http://example.org/cs"), Vec::<String>::new());
+}
+
+pub fn search_missing(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    assert_eq!(
+        find(s, "Patient", "birthdate", Criterion::Missing(true)),
+        v(&["p4", "p5"])
+    );
+    assert_eq!(
+        find(s, "Patient", "birthdate", Criterion::Missing(false)),
+        v(&["p1", "p2", "p3"])
+    );
+    assert_eq!(
+        find(s, "Patient", "family", Criterion::Missing(true)),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        find(s, "Patient", "organization", Criterion::Missing(true)).len(),
+        5
+    );
+}
+
+pub fn search_id_and_last_updated(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    sleep_ms(5);
+    let t = Utc::now();
+    sleep_ms(5);
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p2", patient("p2", "Sato", None, "male"))],
+    );
+    assert_eq!(
+        find(s, "Patient", "_id", Criterion::Id(v(&["p2", "zz"]))),
+        v(&["p2"])
+    );
+    assert_eq!(
+        find(s, "Patient", "_id", Criterion::Id(vec![])),
+        Vec::<String>::new()
+    );
+    let ms = t.timestamp_millis();
+    let lu = |p| {
+        find(
+            s,
+            "Patient",
+            "_lastUpdated",
+            Criterion::LastUpdated(vec![DateMatch {
+                prefix: p,
+                lo: ms,
+                hi: ms,
+            }]),
+        )
+    };
+    assert_eq!(lu(Prefix::Gt), v(&["p2"]));
+    assert_eq!(lu(Prefix::Ge), v(&["p2"]));
+    assert_eq!(lu(Prefix::Lt), v(&["p1"]));
+    assert_eq!(lu(Prefix::Ne), v(&["p1", "p2"]));
+}
+
+pub fn search_and_or(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    let q = SearchQuery::new("Patient")
+        .with(
+            "gender",
+            token(vec![tok(None, Some("male")), tok(None, Some("female"))]),
+        )
+        .with("birthdate", Criterion::Date(vec![dm(Prefix::Ge, "1990")]));
+    assert_eq!(sorted_ids(&search(s, &q)), v(&["p2", "p3"]));
+    let q = q.with("family", string(StringMode::StartsWith, "sa"));
+    assert_eq!(sorted_ids(&search(s, &q)), v(&["p2"]));
+    // the same parameter twice is AND-ed
+    let q = SearchQuery::new("Patient")
+        .with("birthdate", Criterion::Date(vec![dm(Prefix::Ge, "1985")]))
+        .with("birthdate", Criterion::Date(vec![dm(Prefix::Lt, "1995")]));
+    assert_eq!(sorted_ids(&search(s, &q)), v(&["p2"]));
+}
+
+pub fn deleted_never_match(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    seed(
+        s,
+        "A",
+        vec![(
+            "Observation",
+            "o1",
+            observation("p2", "29463-7", "2024-01-01", 60.0, "kg"),
+        )],
+    );
+    let mut tx = s.begin().unwrap();
+    tx.delete("Patient", "p2", None, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        find(
+            s,
+            "Patient",
+            "gender",
+            Criterion::Token {
+                values: vec![tok(None, Some("x"))],
+                negate: true
+            }
+        ),
+        v(&["p1", "p3", "p4", "p5"])
+    );
+    assert_eq!(
+        find(s, "Patient", "birthdate", Criterion::Missing(true)),
+        v(&["p4", "p5"])
+    );
+    assert_eq!(search(s, &SearchQuery::new("Patient")).total, 4);
+    let mut q = SearchQuery::new("Observation");
+    q.include.push(Include {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        target_type: None,
+    });
+    let r = search(s, &q);
+    assert_eq!(ids(&r), v(&["o1"]));
+    assert!(r.included.is_empty(), "a deleted target is not included");
+    let c = s
+        .patient_compartment("p2", &Scope::Unrestricted, 10, 0)
+        .unwrap();
+    assert_eq!(ids(&c), v(&["o1"]));
+}
+
+pub fn sort_and_paging(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    seed(
+        s,
+        "A",
+        vec![(
+            "Patient",
+            "p6",
+            patient("p6", "Abe", Some("1990-01-15"), "male"),
+        )],
+    );
+    let mut tx = s.begin().unwrap();
+    let mut nameless = patient("p7", "x", Some("1990-01-15"), "male");
+    nameless.as_object_mut().unwrap().remove("name");
+    tx.create("Patient", "p7", nameless, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+
+    let sorted = |param: &str, pt, desc| {
+        let mut q = SearchQuery::new("Patient");
+        q.sort.push(SortKey {
+            param: param.into(),
+            param_type: pt,
+            descending: desc,
+        });
+        ids(&search(s, &q))
+    };
+    assert_eq!(
+        sorted("family", ParamType::String, false),
+        v(&["p4", "p5", "p6", "p2", "p1", "p3", "p7"])
+    );
+    assert_eq!(
+        sorted("family", ParamType::String, true),
+        v(&["p3", "p1", "p2", "p6", "p5", "p4", "p7"])
+    );
+    assert_eq!(
+        sorted("birthdate", ParamType::Date, false),
+        v(&["p1", "p2", "p6", "p7", "p3", "p4", "p5"])
+    );
+    assert_eq!(
+        sorted("birthdate", ParamType::Date, true),
+        v(&["p3", "p2", "p6", "p7", "p1", "p4", "p5"])
+    );
+    assert_eq!(
+        sorted("gender", ParamType::Token, false),
+        v(&["p3", "p5", "p1", "p2", "p6", "p7", "p4"])
+    );
+    assert_eq!(
+        sorted("_id", ParamType::Token, true),
+        v(&["p7", "p6", "p5", "p4", "p3", "p2", "p1"])
+    );
+    // default: newest first
+    assert_eq!(ids(&search(s, &SearchQuery::new("Patient")))[0], "p7");
+
+    // deterministic paging: every page size yields the full order without gaps or duplicates
+    let mut base = SearchQuery::new("Patient");
+    base.sort.push(SortKey {
+        param: "birthdate".into(),
+        param_type: ParamType::Date,
+        descending: false,
+    });
+    let full = ids(&search(s, &base));
+    for size in 1..=4 {
+        let mut got = Vec::new();
+        let mut offset = 0;
+        loop {
+            let mut q = base.clone();
+            q.count = size;
+            q.offset = offset;
+            let r = search(s, &q);
+            assert_eq!(r.total, 7, "total ignores paging");
+            if r.matches.is_empty() {
+                break;
+            }
+            got.extend(ids(&r));
+            offset += size;
+        }
+        assert_eq!(got, full, "page size {size}");
+    }
+    let mut q = base.clone();
+    q.count = 3;
+    q.offset = 100;
+    let r = search(s, &q);
+    assert!(r.matches.is_empty());
+    assert_eq!(r.total, 7);
+}
+
+pub fn summary_count(h: &dyn Harness) {
+    let s = h.store();
+    seed_patients(s);
+    let mut q = SearchQuery::new("Patient").with("gender", token(vec![tok(None, Some("male"))]));
+    q.summary = Summary::Count;
+    let r = search(s, &q);
+    assert_eq!((r.total, r.matches.len()), (2, 0));
+    let mut q = SearchQuery::new("Patient");
+    q.count = 0;
+    let r = search(s, &q);
+    assert_eq!((r.total, r.matches.len()), (5, 0));
+}
+
+fn seed_clinical(s: &dyn Store) {
+    seed(
+        s,
+        "A",
+        vec![
+            (
+                "Patient",
+                "p1",
+                patient("p1", "Yamada", Some("1980-05-01"), "male"),
+            ),
+            (
+                "Observation",
+                "o1",
+                observation("p1", "29463-7", "2024-01-01", 60.0, "kg"),
+            ),
+            (
+                "Observation",
+                "o2",
+                observation("p1", "8302-2", "2024-01-02", 170.0, "cm"),
+            ),
+            (
+                "Organization",
+                "org1",
+                json!({"resourceType": "Organization", "name": "Tsunagi Hospital"}),
+            ),
+        ],
+    );
+    seed(
+        s,
+        "B",
+        vec![
+            (
+                "Patient",
+                "p2",
+                patient("p2", "Sato", Some("1990-01-15"), "female"),
+            ),
+            (
+                "Observation",
+                "o3",
+                observation("p2", "29463-7", "2024-01-03", 50.0, "kg"),
+            ),
+        ],
+    );
+    // o4 is about p2 but written by A
+    let mut o4 = observation("p2", "8302-2", "2024-01-04", 160.0, "cm");
+    o4["hasMember"] = json!([{"reference": "Observation/o1"}, {"reference": "Observation/o3"}]);
+    seed(s, "A", vec![("Observation", "o4", o4)]);
+}
+
+pub fn include_and_revinclude(h: &dyn Harness) {
+    let s = h.store();
+    seed_clinical(s);
+    let subject = Include {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        target_type: None,
+    };
+    let mut q = SearchQuery::new("Observation");
+    q.include.push(subject.clone());
+    let r = search(s, &q);
+    assert_eq!(r.matches.len(), 4);
+    assert_eq!(
+        inc_ids(&r),
+        v(&["Patient/p1", "Patient/p2"]),
+        "deduplicated"
+    );
+
+    let mut q = SearchQuery::new("Observation").with("_id", Criterion::Id(v(&["o1"])));
+    q.include.push(Include {
+        target_type: Some("Group".into()),
+        ..subject.clone()
+    });
+    assert!(search(s, &q).included.is_empty(), "target type restricts");
+
+    // included resources already among the matches are not repeated
+    let mut q = SearchQuery::new("Observation").with("_id", Criterion::Id(v(&["o4", "o1"])));
+    q.include.push(Include {
+        source_type: "Observation".into(),
+        param: "has-member".into(),
+        target_type: None,
+    });
+    let r = search(s, &q);
+    assert_eq!(sorted_ids(&r), v(&["o1", "o4"]));
+    assert_eq!(inc_ids(&r), v(&["Observation/o3"]));
+
+    let mut q = SearchQuery::new("Patient").with("_id", Criterion::Id(v(&["p1"])));
+    q.revinclude.push(subject.clone());
+    let r = search(s, &q);
+    assert_eq!(ids(&r), v(&["p1"]));
+    assert_eq!(inc_ids(&r), v(&["Observation/o1", "Observation/o2"]));
+    let mut q = SearchQuery::new("Patient");
+    q.revinclude.push(subject);
+    assert_eq!(search(s, &q).included.len(), 4);
+}
+
+pub fn scope_filtering(h: &dyn Harness) {
+    let s = h.store();
+    seed_clinical(s);
+    let pat = |id: &str, types: Option<&[&str]>| ScopeRule::Patient {
+        id: id.into(),
+        types: types.map(|t| t.iter().map(|x| x.to_string()).collect()),
+    };
+    let run = |q: &SearchQuery, rules: Vec<ScopeRule>| s.search(q, &Scope::AnyOf(rules)).unwrap();
+    let obs = SearchQuery::new("Observation");
+
+    let r = run(&obs, vec![pat("p1", None)]);
+    assert_eq!((sorted_ids(&r), r.total), (v(&["o1", "o2"]), 2));
+    let r = run(&obs, vec![pat("p1", Some(&["Patient"]))]);
+    assert_eq!((r.matches.len(), r.total), (0, 0));
+    let r = run(
+        &obs,
+        vec![
+            pat("p1", Some(&["Observation"])),
+            pat("p2", Some(&["Patient"])),
+        ],
+    );
+    assert_eq!(sorted_ids(&r), v(&["o1", "o2"]));
+    let r = run(&obs, vec![ScopeRule::AuthoredBy("A".into())]);
+    assert_eq!(sorted_ids(&r), v(&["o1", "o2", "o4"]));
+    let r = run(&obs, vec![ScopeRule::NonPersonal]);
+    assert_eq!(r.total, 0);
+    let r = run(
+        &SearchQuery::new("Organization"),
+        vec![ScopeRule::NonPersonal],
+    );
+    assert_eq!(ids(&r), v(&["org1"]));
+    let r = run(&obs, vec![]);
+    assert_eq!(
+        (r.matches.len(), r.total),
+        (0, 0),
+        "an empty scope admits nothing"
+    );
+    let mut counted = SearchQuery::new("Observation");
+    counted.summary = Summary::Count;
+    assert_eq!(run(&counted, vec![pat("p2", None)]).total, 2);
+    let mut paged = SearchQuery::new("Observation");
+    paged.count = 1;
+    assert_eq!(
+        run(&paged, vec![pat("p2", None)]).total,
+        2,
+        "the total counts only in-scope rows"
+    );
+    // with other criteria combined
+    let q = SearchQuery::new("Observation")
+        .with("code", token(vec![tok(Some(Some(LOINC)), Some("29463-7"))]));
+    assert_eq!(ids(&run(&q, vec![pat("p2", None)])), v(&["o3"]));
+
+    // includes stay in scope
+    let mut q = SearchQuery::new("Observation");
+    q.include.push(Include {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        target_type: None,
+    });
+    let r = run(
+        &q,
+        vec![
+            pat("p1", Some(&["Observation"])),
+            ScopeRule::AuthoredBy("B".into()),
+        ],
+    );
+    assert_eq!(sorted_ids(&r), v(&["o1", "o2", "o3"]));
+    assert_eq!(
+        inc_ids(&r),
+        v(&["Patient/p2"]),
+        "p1 is outside the scope, p2 was written by B"
+    );
+    let mut q = SearchQuery::new("Observation").with("_id", Criterion::Id(v(&["o4"])));
+    q.include.push(Include {
+        source_type: "Observation".into(),
+        param: "has-member".into(),
+        target_type: None,
+    });
+    let r = run(&q, vec![pat("p2", None)]);
+    assert_eq!(inc_ids(&r), v(&["Observation/o3"]), "o1 belongs to p1");
+    let mut q = SearchQuery::new("Patient");
+    q.revinclude.push(Include {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        target_type: None,
+    });
+    let r = run(
+        &q,
+        vec![
+            pat("p1", Some(&["Patient"])),
+            pat("p2", Some(&["Observation"])),
+        ],
+    );
+    assert_eq!(ids(&r), v(&["p1"]));
+    assert!(
+        r.included.is_empty(),
+        "p1's observations are outside the scope"
+    );
+    // the compartment is scoped too
+    let c = s
+        .patient_compartment(
+            "p2",
+            &Scope::AnyOf(vec![ScopeRule::AuthoredBy("B".into())]),
+            10,
+            0,
+        )
+        .unwrap();
+    assert_eq!((ids(&c), c.total), (v(&["p2", "o3"]), 2));
+    let c = s
+        .patient_compartment("p1", &Scope::AnyOf(vec![]), 10, 0)
+        .unwrap();
+    assert_eq!((c.matches.len(), c.total), (0, 0));
+}
+
+pub fn patient_compartment(h: &dyn Harness) {
+    let s = h.store();
+    seed_clinical(s);
+    let c = s
+        .patient_compartment("p1", &Scope::Unrestricted, 10, 0)
+        .unwrap();
+    assert_eq!((ids(&c), c.total), (v(&["p1", "o1", "o2"]), 3));
+    assert_eq!(c.matches[0].resource_type, "Patient");
+    let all = s
+        .patient_compartment("p2", &Scope::Unrestricted, 10, 0)
+        .unwrap();
+    assert_eq!(ids(&all), v(&["p2", "o3", "o4"]));
+    let mut got = Vec::new();
+    for offset in [0, 2, 4] {
+        let page = s
+            .patient_compartment("p2", &Scope::Unrestricted, 2, offset)
+            .unwrap();
+        assert_eq!(page.total, 3);
+        got.extend(ids(&page));
+    }
+    assert_eq!(got, ids(&all));
+    assert_eq!(
+        s.patient_compartment("nobody", &Scope::Unrestricted, 10, 0)
+            .unwrap()
+            .total,
+        0
+    );
+}
+
+pub fn history_since_and_paging(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![("Patient", "p1", patient("p1", "Yamada", None, "male"))],
+    );
+    seed(
+        s,
+        "A",
+        vec![(
+            "Observation",
+            "o1",
+            observation("p1", "29463-7", "2024-01-01", 60.0, "kg"),
+        )],
+    );
+    sleep_ms(5);
+    let t = Utc::now();
+    sleep_ms(5);
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Patient",
+        "p1",
+        patient("p1", "Sato", None, "male"),
+        None,
+        &ctx("A"),
+    )
+    .unwrap();
+    tx.delete("Observation", "o1", None, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Patient",
+        "p1",
+        patient("p1", "Kato", None, "male"),
+        None,
+        &ctx("A"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+
+    let all = s
+        .history(&HistoryQuery {
+            count: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(
+        all.windows(2)
+            .all(|w| w[0].last_updated >= w[1].last_updated),
+        "newest first"
+    );
+    assert_eq!(
+        (all[0].resource_type.as_str(), all[0].version),
+        ("Patient", 3)
+    );
+    let since = s
+        .history(&HistoryQuery {
+            since: Some(t),
+            count: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(since.len(), 3);
+    assert!(since.iter().all(|x| x.last_updated >= t));
+    let pt = s
+        .history(&HistoryQuery {
+            resource_type: Some("Patient".into()),
+            count: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        pt.iter().map(|x| x.version).collect::<Vec<_>>(),
+        vec![3, 2, 1]
+    );
+    let one = s
+        .history(&HistoryQuery {
+            resource_type: Some("Patient".into()),
+            id: Some("p1".into()),
+            since: Some(t),
+            count: 100,
+            offset: 0,
+        })
+        .unwrap();
+    assert_eq!(
+        one.iter().map(|x| x.version).collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+    let mut paged = Vec::new();
+    for offset in (0..6).step_by(2) {
+        paged.extend(
+            s.history(&HistoryQuery {
+                count: 2,
+                offset,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+    }
+    assert_eq!(paged, all);
+}
+
+pub fn audit_chain_verifies(h: &dyn Harness) {
+    let s = h.store();
+    let a = s
+        .audit_append(&[
+            json!({"action": "read", "patient": "p1"}),
+            json!({"b": 1, "a": {"z": [1, 2], "y": null}}),
+        ])
+        .unwrap();
+    assert_eq!(a.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(a[0].prev_hash, audit::GENESIS_HASH);
+    assert_eq!(a[1].prev_hash, a[0].hash);
+    assert_eq!(
+        a[1].hash,
+        audit::entry_hash(&a[1].prev_hash, 2, &a[1].recorded, &a[1].record)
+    );
+    let mut tx = s.begin().unwrap();
+    tx.create(
+        "Patient",
+        "p1",
+        patient("p1", "Yamada", None, "male"),
+        &ctx("A"),
+    )
+    .unwrap();
+    let b = tx
+        .audit_append(&[json!({"action": "create", "patient": "p1"})])
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!((b[0].seq, b[0].prev_hash.as_str()), (3, a[1].hash.as_str()));
+    assert!(s.audit_append(&[]).unwrap().is_empty());
+    let scanned = s.audit_scan(0, 100).unwrap();
+    assert_eq!(scanned.len(), 3);
+    assert_eq!(scanned[..2], a[..]);
+    assert_eq!(s.audit_scan(1, 1).unwrap()[0].seq, 2);
+    let report = audit::verify_chain(audit::scan_all(s));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.checked, 3);
+    assert_eq!(report.head, Some((3, b[0].hash.clone())));
+}
+
+pub fn audit_query_filters(h: &dyn Harness) {
+    let s = h.store();
+    let t0 = Utc::now();
+    s.audit_append(&[
+        json!({"patient": "p1", "org": "A", "user": "u1", "purpose": "TREAT"}),
+        json!({"patient": "p2", "org": "A", "user": "u2", "purpose": "TREAT"}),
+        json!({"patient": "p1", "org": "B", "user": "u3", "purpose": "HPAYMT"}),
+    ])
+    .unwrap();
+    let q = |f: AuditFilter| {
+        s.audit_query(&f)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        q(AuditFilter {
+            patient: Some("p1".into()),
+            ..Default::default()
+        }),
+        vec![3, 1]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            org: Some("A".into()),
+            purpose: Some("TREAT".into()),
+            ..Default::default()
+        }),
+        vec![2, 1]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            user: Some("u3".into()),
+            ..Default::default()
+        }),
+        vec![3]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            after_seq: Some(1),
+            limit: 1,
+            ..Default::default()
+        }),
+        vec![3]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            since: Some(t0),
+            ..Default::default()
+        })
+        .len(),
+        3
+    );
+    assert_eq!(
+        q(AuditFilter {
+            until: Some(t0 - chrono::Duration::seconds(1)),
+            ..Default::default()
+        }),
+        Vec::<i64>::new()
+    );
+}
+
+pub fn audit_tamper_detection(h: &dyn Harness) {
+    let s = h.store();
+    let records: Vec<Value> = (1..=10).map(|i| json!({"n": i, "patient": "p1"})).collect();
+    let entries = s.audit_append(&records).unwrap();
+    let head = (10, entries[9].hash.clone());
+    assert!(audit::verify_chain(audit::scan_all(s)).ok());
+
+    h.raw_execute("UPDATE audit_log SET record = '{\"n\":3,\"patient\":\"p2\"}' WHERE seq = 3")
+        .unwrap();
+    h.raw_execute("DELETE FROM audit_log WHERE seq = 5")
+        .unwrap();
+    h.raw_execute(
+        "UPDATE audit_log SET seq = -7 WHERE seq = 7; UPDATE audit_log SET seq = 7 WHERE seq = 8; \
+         UPDATE audit_log SET seq = 8 WHERE seq = -7;",
+    )
+    .unwrap();
+    let r = audit::verify_chain(audit::scan_all(s));
+    assert_eq!(
+        r.problems,
+        vec![
+            ChainProblem {
+                seq: 3,
+                kind: ProblemKind::Altered
+            },
+            ChainProblem {
+                seq: 5,
+                kind: ProblemKind::Missing { count: 1 }
+            },
+            ChainProblem {
+                seq: 7,
+                kind: ProblemKind::Reordered { belongs_at: 8 }
+            },
+            ChainProblem {
+                seq: 8,
+                kind: ProblemKind::Reordered { belongs_at: 7 }
+            },
+        ]
+    );
+    // truncating the tail is only visible against an externally kept head
+    h.raw_execute("DELETE FROM audit_log WHERE seq >= 9")
+        .unwrap();
+    let r = audit::verify_chain_against(audit::scan_all(s), Some((head.0, &head.1)));
+    assert_eq!(
+        r.problems.last(),
+        Some(&ChainProblem {
+            seq: 9,
+            kind: ProblemKind::Truncated { expected_seq: 10 }
+        })
+    );
+}
+
+pub fn client_keys_roundtrip(h: &dyn Harness) {
+    let s = h.store();
+    let created = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
+    let k1 = ClientKey {
+        client_id: "emr-1".into(),
+        org: "1311234567".into(),
+        kid: "k1".into(),
+        role: "doctor".into(),
+        user: Some("dr-1".into()),
+        jwk: json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}),
+        created,
+        revoked: false,
+    };
+    let k2 = ClientKey {
+        kid: "k2".into(),
+        user: None,
+        created: created + chrono::Duration::seconds(1),
+        ..k1.clone()
+    };
+    s.put_client_key(&k1).unwrap();
+    s.put_client_key(&k2).unwrap();
+    assert_eq!(
+        s.client_keys("emr-1").unwrap(),
+        vec![k1.clone(), k2.clone()]
+    );
+    let revoked = ClientKey {
+        revoked: true,
+        ..k1.clone()
+    };
+    s.put_client_key(&revoked).unwrap();
+    assert_eq!(s.client_keys("emr-1").unwrap(), vec![revoked, k2]);
+    assert!(s.client_keys("other").unwrap().is_empty());
+}
+
+pub fn concurrent_writers(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "A",
+        vec![(
+            "Patient",
+            "c",
+            json!({"resourceType": "Patient", "multipleBirthInteger": 0}),
+        )],
+    );
+    const THREADS: usize = 4;
+    const INCREMENTS: i64 = 10;
+    std::thread::scope(|sc| {
+        for t in 0..THREADS {
+            sc.spawn(move || {
+                for i in 0..INCREMENTS {
+                    loop {
+                        // read-modify-write guarded by If-Match; 412 means someone else won: retry
+                        let cur = s.read("Patient", "c").unwrap().unwrap();
+                        let n = cur.resource.as_ref().unwrap()["multipleBirthInteger"]
+                            .as_i64()
+                            .unwrap();
+                        let mut tx = s.begin().unwrap();
+                        let body =
+                            json!({"resourceType": "Patient", "multipleBirthInteger": n + 1});
+                        match tx.update("Patient", "c", body, Some(cur.version), &ctx("A")) {
+                            Ok(_) => {
+                                tx.audit_append(&[json!({"thread": t, "i": i})]).unwrap();
+                                tx.commit().unwrap();
+                                break;
+                            }
+                            Err(e) if e.status == 412 => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    // blind updates and standalone audit appends interleave too
+                    let mut tx = s.begin().unwrap();
+                    tx.create(
+                        "Observation",
+                        &format!("t{t}-{i}"),
+                        observation("c", "29463-7", "2024-01-01", 1.0, "kg"),
+                        &ctx("A"),
+                    )
+                    .unwrap();
+                    tx.commit().unwrap();
+                    s.audit_append(&[json!({"thread": t, "blind": i})]).unwrap();
+                }
+            });
+        }
+    });
+    let total = THREADS as i64 * INCREMENTS;
+    let cur = s.read("Patient", "c").unwrap().unwrap();
+    assert_eq!(
+        cur.resource.unwrap()["multipleBirthInteger"],
+        json!(total),
+        "no lost update"
+    );
+    assert_eq!(cur.version, total + 1);
+    let hist = s
+        .history(&HistoryQuery {
+            resource_type: Some("Patient".into()),
+            id: Some("c".into()),
+            count: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+    let versions: Vec<i64> = hist.iter().map(|x| x.version).collect();
+    assert_eq!(versions, (1..=total + 1).rev().collect::<Vec<_>>());
+    let obs = s
+        .search(
+            &SearchQuery::new("Observation").with(
+                "subject",
+                Criterion::Reference(vec![RefMatch {
+                    target_type: Some("Patient".into()),
+                    target_id: "c".into(),
+                }]),
+            ),
+            &Scope::Unrestricted,
+        )
+        .unwrap();
+    assert_eq!(obs.total as i64, total);
+    let report = audit::verify_chain(audit::scan_all(s));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.checked as i64, 2 * total);
+    let seqs: HashSet<i64> = audit::scan_all(s).map(|e| e.unwrap().seq).collect();
+    assert_eq!(seqs.len() as i64, 2 * total);
+}
+
+pub fn schema_and_size(h: &dyn Harness) {
+    let s = h.store();
+    assert_eq!(s.schema_version().unwrap(), crate::schema::latest());
+    seed_patients(s);
+    assert!(s.size_bytes().unwrap() > 0);
+    assert!(s.backend() == "sqlite" || s.backend() == "postgres");
+}

@@ -1,0 +1,471 @@
+//! Backend-independent write, search and audit logic. A backend supplies the
+//! primitive operations ([`Ops`]); everything with semantics (versioning,
+//! preconditions, meta stamping, index replacement, paging, includes, audit
+//! chaining) is here once, so both backends behave identically.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tsunagi_fhir::search::{IndexEntry, SearchQuery, Summary};
+use tsunagi_fhir::{FhirError, FhirResult};
+
+use crate::api::{AuditEntry, Scope, SearchResult, StoredResource, WriteContext};
+use crate::audit;
+use crate::sql::{self, Built, Dialect};
+
+/// A resource row as returned by the shared SELECTs.
+pub(crate) struct Row {
+    pub rid: i64,
+    pub res: StoredResource,
+}
+
+/// Current-version bookkeeping of one resource.
+pub(crate) struct Current {
+    pub rid: i64,
+    pub version: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+}
+
+/// What `resource_current` should say after a write.
+pub(crate) struct CurrentRow<'a> {
+    pub version: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub patient_id: Option<&'a str>,
+    pub author_org: Option<&'a str>,
+}
+
+/// Columns of an audit row that auditors filter on, taken from the record.
+pub(crate) struct AuditColumns<'a> {
+    pub patient: Option<&'a str>,
+    pub org: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub purpose: Option<&'a str>,
+}
+
+/// Primitive operations a backend provides on one connection.
+pub(crate) trait Ops {
+    fn dialect(&self) -> Dialect;
+    /// Runs a SELECT returning [`sql::RESOURCE_COLUMNS`].
+    fn rows(&mut self, q: &Built) -> FhirResult<Vec<Row>>;
+    /// Runs a `SELECT COUNT(*)`.
+    fn count(&mut self, q: &Built) -> FhirResult<u64>;
+}
+
+/// Write primitives, called inside an open transaction.
+pub(crate) trait TxOps: Ops {
+    /// Current row, locked against concurrent writers where the backend needs it.
+    fn current(&mut self, rt: &str, id: &str) -> FhirResult<Option<Current>>;
+    /// Inserts the current row; None when (rt, id) already exists.
+    fn insert_current(&mut self, rt: &str, id: &str, row: &CurrentRow) -> FhirResult<Option<i64>>;
+    fn update_current(&mut self, rid: i64, row: &CurrentRow) -> FhirResult<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn insert_version(
+        &mut self,
+        rid: i64,
+        rt: &str,
+        version: i64,
+        last_updated: i64,
+        deleted: bool,
+        ctx: &WriteContext,
+        body: Option<&str>,
+    ) -> FhirResult<()>;
+    /// Removes every index entry of the resource.
+    fn clear_index(&mut self, rid: i64) -> FhirResult<()>;
+    fn insert_index(&mut self, rid: i64, rt: &str, entries: &[IndexEntry]) -> FhirResult<()>;
+    /// Current audit head (seq, hash), locked until the transaction ends.
+    fn audit_head(&mut self) -> FhirResult<(i64, String)>;
+    fn audit_insert(&mut self, e: &AuditEntry, record: &str, cols: &AuditColumns)
+    -> FhirResult<()>;
+    fn audit_set_head(&mut self, seq: i64, hash: &str) -> FhirResult<()>;
+}
+
+pub(crate) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub(crate) fn ms_to_dt(ms: i64) -> FhirResult<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| FhirError::internal("stored timestamp out of range"))
+}
+
+/// FHIR instant with millisecond precision in UTC.
+pub fn format_instant(dt: &DateTime<Utc>) -> String {
+    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+pub(crate) fn parse_body(body: Option<String>) -> FhirResult<Option<Value>> {
+    match body {
+        None => Ok(None),
+        Some(b) => serde_json::from_str(&b)
+            .map(Some)
+            .map_err(|_| FhirError::internal("stored resource body is not valid JSON")),
+    }
+}
+
+/// Sets `resourceType`, `id`, `meta.versionId` and `meta.lastUpdated`; they come
+/// first in the object, then the caller's elements in their order.
+fn stamp(
+    rt: &str,
+    id: &str,
+    resource: Value,
+    version: i64,
+    last_updated: &DateTime<Utc>,
+) -> FhirResult<Value> {
+    let Value::Object(mut obj) = resource else {
+        return Err(FhirError::bad_request(
+            None,
+            "a resource must be a JSON object",
+        ));
+    };
+    match obj.remove("resourceType") {
+        None => {}
+        Some(Value::String(t)) if t == rt => {}
+        Some(_) => {
+            return Err(FhirError::bad_request(
+                Some("resourceType"),
+                format!("resourceType does not match the requested type {rt}"),
+            ));
+        }
+    }
+    obj.remove("id");
+    let mut meta = match obj.remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    meta.remove("versionId");
+    meta.remove("lastUpdated");
+    let mut new_meta = Map::with_capacity(meta.len() + 2);
+    new_meta.insert("versionId".into(), Value::String(version.to_string()));
+    new_meta.insert(
+        "lastUpdated".into(),
+        Value::String(format_instant(last_updated)),
+    );
+    new_meta.extend(meta);
+    let mut out = Map::with_capacity(obj.len() + 3);
+    out.insert("resourceType".into(), Value::String(rt.to_string()));
+    out.insert("id".into(), Value::String(id.to_string()));
+    out.insert("meta".into(), Value::Object(new_meta));
+    out.extend(obj);
+    Ok(Value::Object(out))
+}
+
+fn check_id(id: &str) -> FhirResult<()> {
+    // FHIR id: [A-Za-z0-9\-\.]{1,64}
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(FhirError::bad_request(
+            Some("id"),
+            format!("'{id}' is not a valid FHIR id"),
+        ))
+    }
+}
+
+/// Writes a new version (creating the resource when `cur` is None).
+fn write_version<T: TxOps + ?Sized>(
+    t: &mut T,
+    rt: &str,
+    id: &str,
+    cur: Option<&Current>,
+    resource: Option<Value>,
+    ctx: &WriteContext,
+) -> FhirResult<Option<StoredResource>> {
+    let (version, last_updated) = match cur {
+        Some(c) => (c.version + 1, now_ms().max(c.last_updated + 1)),
+        None => (1, now_ms()),
+    };
+    let lu = ms_to_dt(last_updated)?;
+    let deleted = resource.is_none();
+    let body = match resource {
+        Some(r) => Some(stamp(rt, id, r, version, &lu)?),
+        None => None,
+    };
+    let (entries, patient) = match &body {
+        Some(b) => (
+            tsunagi_fhir::index::extract(rt, b),
+            tsunagi_fhir::index::compartment_patient(rt, b),
+        ),
+        None => (Vec::new(), None),
+    };
+    let row = CurrentRow {
+        version,
+        last_updated,
+        deleted,
+        patient_id: patient.as_deref(),
+        author_org: ctx.org.as_deref(),
+    };
+    let rid = match cur {
+        Some(c) => {
+            t.update_current(c.rid, &row)?;
+            t.clear_index(c.rid)?;
+            c.rid
+        }
+        None => match t.insert_current(rt, id, &row)? {
+            Some(rid) => rid,
+            None => return Ok(None),
+        },
+    };
+    let text = match &body {
+        Some(b) => Some(
+            serde_json::to_string(b)
+                .map_err(|_| FhirError::internal("resource could not be serialised"))?,
+        ),
+        None => None,
+    };
+    t.insert_version(
+        rid,
+        rt,
+        version,
+        last_updated,
+        deleted,
+        ctx,
+        text.as_deref(),
+    )?;
+    if !entries.is_empty() {
+        t.insert_index(rid, rt, &entries)?;
+    }
+    Ok(Some(StoredResource {
+        resource_type: rt.to_string(),
+        id: id.to_string(),
+        version,
+        last_updated: lu,
+        deleted,
+        resource: body,
+        author_org: ctx.org.clone(),
+    }))
+}
+
+pub(crate) fn create<T: TxOps + ?Sized>(
+    t: &mut T,
+    rt: &str,
+    id: &str,
+    resource: Value,
+    ctx: &WriteContext,
+) -> FhirResult<StoredResource> {
+    check_id(id)?;
+    if t.current(rt, id)?.is_some() {
+        return Err(FhirError::conflict(format!("{rt}/{id} already exists")));
+    }
+    write_version(t, rt, id, None, Some(resource), ctx)?
+        .ok_or_else(|| FhirError::conflict(format!("{rt}/{id} already exists")))
+}
+
+pub(crate) fn update<T: TxOps + ?Sized>(
+    t: &mut T,
+    rt: &str,
+    id: &str,
+    resource: Value,
+    if_match: Option<i64>,
+    ctx: &WriteContext,
+) -> FhirResult<(StoredResource, bool)> {
+    check_id(id)?;
+    // Two rounds at most: a concurrent creator may win the insert race, after
+    // which the row exists (and is locked by `current`).
+    for _ in 0..2 {
+        let cur = t.current(rt, id)?;
+        match (&cur, if_match) {
+            (Some(c), Some(m)) if c.version != m => {
+                return Err(FhirError::precondition_failed(format!(
+                    "{rt}/{id} is at version {}, not {m}",
+                    c.version
+                )));
+            }
+            (None, Some(m)) => {
+                return Err(FhirError::precondition_failed(format!(
+                    "{rt}/{id} does not exist (If-Match {m})"
+                )));
+            }
+            _ => {}
+        }
+        let created = cur.as_ref().is_none_or(|c| c.deleted);
+        if let Some(s) = write_version(t, rt, id, cur.as_ref(), Some(resource.clone()), ctx)? {
+            return Ok((s, created));
+        }
+    }
+    Err(FhirError::unavailable(format!(
+        "{rt}/{id} is being written concurrently; retry"
+    )))
+}
+
+pub(crate) fn delete<T: TxOps + ?Sized>(
+    t: &mut T,
+    rt: &str,
+    id: &str,
+    if_match: Option<i64>,
+    ctx: &WriteContext,
+) -> FhirResult<Option<StoredResource>> {
+    let Some(cur) = t.current(rt, id)? else {
+        return Ok(None);
+    };
+    if cur.deleted {
+        return Ok(None);
+    }
+    if let Some(m) = if_match
+        && m != cur.version
+    {
+        return Err(FhirError::precondition_failed(format!(
+            "{rt}/{id} is at version {}, not {m}",
+            cur.version
+        )));
+    }
+    write_version(t, rt, id, Some(&cur), None, ctx)
+}
+
+/// Runs a search: page, total (counted only when the page does not tell it), includes.
+pub(crate) fn search<O: Ops + ?Sized>(
+    o: &mut O,
+    q: &SearchQuery,
+    scope: &Scope,
+) -> FhirResult<SearchResult> {
+    let d = o.dialect();
+    if q.summary == Summary::Count || q.count == 0 {
+        let total = o.count(&sql::search_count(d, q, scope))?;
+        return Ok(SearchResult {
+            total,
+            matches: Vec::new(),
+            included: Vec::new(),
+        });
+    }
+    let rows = o.rows(&sql::search_page(d, q, scope)?)?;
+    let total = if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
+        (q.offset + rows.len()) as u64
+    } else {
+        o.count(&sql::search_count(d, q, scope))?
+    };
+    let included = includes(o, q, &rows, scope)?;
+    Ok(SearchResult {
+        total,
+        matches: rows.into_iter().map(|r| r.res).collect(),
+        included,
+    })
+}
+
+fn includes<O: Ops + ?Sized>(
+    o: &mut O,
+    q: &SearchQuery,
+    rows: &[Row],
+    scope: &Scope,
+) -> FhirResult<Vec<StoredResource>> {
+    if rows.is_empty() || (q.include.is_empty() && q.revinclude.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let d = o.dialect();
+    let mut seen: HashSet<i64> = rows.iter().map(|r| r.rid).collect();
+    let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
+    let ids: Vec<String> = rows.iter().map(|r| r.res.id.clone()).collect();
+    let mut out = Vec::new();
+    for inc in &q.include {
+        if inc.source_type != q.resource_type {
+            continue;
+        }
+        for r in o.rows(&sql::include(d, inc, &rids, scope))? {
+            if seen.insert(r.rid) {
+                out.push(r.res);
+            }
+        }
+    }
+    for inc in &q.revinclude {
+        if inc
+            .target_type
+            .as_ref()
+            .is_some_and(|t| t != &q.resource_type)
+        {
+            continue;
+        }
+        for r in o.rows(&sql::revinclude(d, inc, &q.resource_type, &ids, scope))? {
+            if seen.insert(r.rid) {
+                out.push(r.res);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn patient_compartment<O: Ops + ?Sized>(
+    o: &mut O,
+    patient_id: &str,
+    scope: &Scope,
+    count: usize,
+    offset: usize,
+) -> FhirResult<SearchResult> {
+    let d = o.dialect();
+    let rows = if count == 0 {
+        Vec::new()
+    } else {
+        o.rows(&sql::compartment_page(d, patient_id, scope, count, offset))?
+    };
+    let total = if count > 0 && rows.len() < count && (!rows.is_empty() || offset == 0) {
+        (offset + rows.len()) as u64
+    } else {
+        o.count(&sql::compartment_count(d, patient_id, scope))?
+    };
+    Ok(SearchResult {
+        total,
+        matches: rows.into_iter().map(|r| r.res).collect(),
+        included: Vec::new(),
+    })
+}
+
+/// Appends records after the (locked) head and moves the head.
+pub(crate) fn audit_append<T: TxOps + ?Sized>(
+    t: &mut T,
+    records: &[Value],
+) -> FhirResult<Vec<AuditEntry>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut seq, mut prev) = t.audit_head()?;
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        seq += 1;
+        let recorded = ms_to_dt(now_ms())?;
+        let hash = audit::entry_hash(&prev, seq, &recorded, record);
+        let entry = AuditEntry {
+            seq,
+            recorded,
+            record: record.clone(),
+            prev_hash: prev,
+            hash: hash.clone(),
+        };
+        let text = serde_json::to_string(record)
+            .map_err(|_| FhirError::internal("audit record could not be serialised"))?;
+        let s = |k: &str| record.get(k).and_then(Value::as_str);
+        let cols = AuditColumns {
+            patient: s("patient"),
+            org: s("org"),
+            user: s("user"),
+            purpose: s("purpose"),
+        };
+        t.audit_insert(&entry, &text, &cols)?;
+        out.push(entry);
+        prev = hash;
+    }
+    t.audit_set_head(seq, &prev)?;
+    Ok(out)
+}
+
+/// Decodes a stored audit row.
+pub(crate) fn audit_entry(
+    seq: i64,
+    recorded: i64,
+    record: &str,
+    prev_hash: String,
+    hash: String,
+) -> FhirResult<AuditEntry> {
+    Ok(AuditEntry {
+        seq,
+        recorded: ms_to_dt(recorded)?,
+        record: serde_json::from_str(record)
+            .map_err(|_| FhirError::internal("stored audit record is not valid JSON"))?,
+        prev_hash,
+        hash,
+    })
+}

@@ -1,0 +1,146 @@
+//! Versioned schema migrations for both backends.
+//!
+//! Each migration is written once with type macros (`{TEXT}`, `{BOOL}`, ...)
+//! expanded per dialect, so both schemas stay in step. PostgreSQL text columns
+//! use `COLLATE "C"` so ordering is by code point, as in SQLite; sort results
+//! are then identical on both backends.
+
+use crate::sql::Dialect;
+
+/// Migrations in order; the version is the index + 1. Never edit an applied one:
+/// append a new migration instead.
+const MIGRATIONS: &[&str] = &[
+    // 1: resources, versions, index tables, audit log, client keys
+    r#"
+CREATE TABLE resource_current (
+    rid {RID},
+    rt {TEXT} NOT NULL,
+    id {TEXT} NOT NULL,
+    version BIGINT NOT NULL,
+    last_updated BIGINT NOT NULL,
+    deleted {BOOL} NOT NULL,
+    patient_id {TEXT},
+    author_org {TEXT},
+    UNIQUE (rt, id)
+);
+CREATE INDEX resource_current_type_lu ON resource_current (rt, last_updated);
+CREATE INDEX resource_current_patient ON resource_current (patient_id, rt, last_updated);
+CREATE INDEX resource_current_org ON resource_current (author_org, rt);
+
+CREATE TABLE resource_version (
+    rid BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    rt {TEXT} NOT NULL,
+    last_updated BIGINT NOT NULL,
+    deleted {BOOL} NOT NULL,
+    author_org {TEXT},
+    author_user {TEXT},
+    body {TEXT},
+    PRIMARY KEY (rid, version)
+);
+CREATE INDEX resource_version_lu ON resource_version (last_updated);
+CREATE INDEX resource_version_type_lu ON resource_version (rt, last_updated);
+
+CREATE TABLE idx_string (rid BIGINT NOT NULL, rt {TEXT} NOT NULL, param {TEXT} NOT NULL, norm {TEXT} NOT NULL, exact {TEXT} NOT NULL);
+CREATE INDEX idx_string_value ON idx_string (rt, param, norm);
+CREATE INDEX idx_string_rid ON idx_string (rid, param);
+
+CREATE TABLE idx_token (rid BIGINT NOT NULL, rt {TEXT} NOT NULL, param {TEXT} NOT NULL, system {TEXT}, code {TEXT} NOT NULL);
+CREATE INDEX idx_token_value ON idx_token (rt, param, code, system);
+CREATE INDEX idx_token_rid ON idx_token (rid, param);
+
+CREATE TABLE idx_date (rid BIGINT NOT NULL, rt {TEXT} NOT NULL, param {TEXT} NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL);
+CREATE INDEX idx_date_value ON idx_date (rt, param, lo, hi);
+CREATE INDEX idx_date_rid ON idx_date (rid, param);
+
+CREATE TABLE idx_number (rid BIGINT NOT NULL, rt {TEXT} NOT NULL, param {TEXT} NOT NULL, value {REAL} NOT NULL, system {TEXT}, code {TEXT});
+CREATE INDEX idx_number_value ON idx_number (rt, param, value);
+CREATE INDEX idx_number_rid ON idx_number (rid, param);
+
+CREATE TABLE idx_reference (rid BIGINT NOT NULL, rt {TEXT} NOT NULL, param {TEXT} NOT NULL, target_type {TEXT}, target_id {TEXT} NOT NULL);
+CREATE INDEX idx_reference_value ON idx_reference (rt, param, target_id, target_type);
+CREATE INDEX idx_reference_target ON idx_reference (target_id, target_type);
+CREATE INDEX idx_reference_rid ON idx_reference (rid, param);
+
+CREATE TABLE idx_uri (rid BIGINT NOT NULL, rt {TEXT} NOT NULL, param {TEXT} NOT NULL, value {TEXT} NOT NULL);
+CREATE INDEX idx_uri_value ON idx_uri (rt, param, value);
+CREATE INDEX idx_uri_rid ON idx_uri (rid, param);
+
+CREATE TABLE audit_log (
+    seq BIGINT PRIMARY KEY,
+    recorded BIGINT NOT NULL,
+    record {TEXT} NOT NULL,
+    prev_hash {TEXT} NOT NULL,
+    hash {TEXT} NOT NULL,
+    patient {TEXT},
+    org {TEXT},
+    usr {TEXT},
+    purpose {TEXT}
+);
+CREATE INDEX audit_log_patient ON audit_log (patient, seq);
+CREATE INDEX audit_log_org ON audit_log (org, seq);
+CREATE INDEX audit_log_usr ON audit_log (usr, seq);
+CREATE INDEX audit_log_recorded ON audit_log (recorded);
+
+CREATE TABLE audit_head (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, hash {TEXT} NOT NULL);
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+
+CREATE TABLE client_keys (
+    client_id {TEXT} NOT NULL,
+    kid {TEXT} NOT NULL,
+    org {TEXT} NOT NULL,
+    role {TEXT} NOT NULL,
+    usr {TEXT},
+    jwk {TEXT} NOT NULL,
+    created BIGINT NOT NULL,
+    revoked {BOOL} NOT NULL,
+    PRIMARY KEY (client_id, kid)
+);
+"#,
+];
+
+/// Creates the bookkeeping table (idempotent).
+pub fn bootstrap(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Sqlite => {
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        }
+        Dialect::Postgres => {
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        }
+    }
+}
+
+/// (version, SQL) of every migration, expanded for the dialect.
+pub fn migrations(d: Dialect) -> Vec<(i64, String)> {
+    MIGRATIONS
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let sql = match d {
+                Dialect::Sqlite => m
+                    .replace("{RID}", "INTEGER PRIMARY KEY")
+                    .replace("{TEXT}", "TEXT")
+                    .replace("{BOOL}", "INTEGER")
+                    .replace("{REAL}", "REAL"),
+                Dialect::Postgres => m
+                    .replace(
+                        "{RID}",
+                        "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                    )
+                    .replace("{TEXT}", "TEXT COLLATE \"C\"")
+                    .replace("{BOOL}", "BOOLEAN")
+                    .replace("{REAL}", "DOUBLE PRECISION"),
+            };
+            (i as i64 + 1, sql)
+        })
+        .collect()
+}
+
+/// Latest schema version this build knows.
+pub fn latest() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Key of the PostgreSQL advisory lock that serialises migrations.
+pub const PG_MIGRATION_LOCK: i64 = 0x7473_756e_6167_6901;

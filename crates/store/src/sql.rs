@@ -1,0 +1,816 @@
+//! The one SQL builder both backends use, parameterised by [`Dialect`].
+//!
+//! Search semantics live here and nowhere else: SQLite and PostgreSQL run the
+//! same statements, differing only in placeholder syntax and a few function
+//! names, so a query means the same thing on either backend.
+//!
+//! Tables (see `schema.rs`): `resource_current` (one row per resource, `rid` is
+//! the surrogate key), `resource_version` (one row per version), and the index
+//! tables `idx_string`, `idx_token`, `idx_date`, `idx_number` (number and
+//! quantity), `idx_reference`, `idx_uri`, which hold entries of current versions only.
+
+use std::fmt::Write as _;
+
+use tsunagi_fhir::search::{
+    Clause, Criterion, DateMatch, Include, NumberMatch, ParamType, Prefix, SearchQuery, SortKey,
+    StringMode,
+};
+use tsunagi_fhir::{FhirError, FhirResult};
+
+use crate::api::{AuditFilter, HistoryQuery, Scope, ScopeRule};
+
+/// SQL flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Numbered placeholder `n` (1-based). SQLite gets `?n` rather than `$n`
+    /// because SQLite numbers `$name` parameters by first appearance.
+    fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+
+    /// Substring position function (1-based, 0 when absent).
+    fn strpos(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "instr",
+            Dialect::Postgres => "strpos",
+        }
+    }
+
+    /// Rewrites a statement written with `$n` placeholders for this dialect.
+    /// Used once per static statement at store construction.
+    pub fn adapt(self, sql: &str) -> String {
+        match self {
+            Dialect::Postgres => sql.to_string(),
+            Dialect::Sqlite => sql.replace('$', "?"),
+        }
+    }
+}
+
+/// A bound parameter value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Text(String),
+    Int(i64),
+    Real(f64),
+}
+
+/// A statement with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    pub sql: String,
+    pub params: Vec<SqlValue>,
+}
+
+struct B {
+    d: Dialect,
+    sql: String,
+    params: Vec<SqlValue>,
+}
+
+impl B {
+    fn new(d: Dialect) -> Self {
+        B {
+            d,
+            sql: String::with_capacity(512),
+            params: Vec::new(),
+        }
+    }
+    fn s(&mut self, s: &str) -> &mut Self {
+        self.sql.push_str(s);
+        self
+    }
+    fn bind(&mut self, v: SqlValue) -> &mut Self {
+        self.params.push(v);
+        let p = self.d.placeholder(self.params.len());
+        self.sql.push_str(&p);
+        self
+    }
+    fn text(&mut self, v: &str) -> &mut Self {
+        self.bind(SqlValue::Text(v.to_string()))
+    }
+    fn int(&mut self, v: i64) -> &mut Self {
+        self.bind(SqlValue::Int(v))
+    }
+    fn real(&mut self, v: f64) -> &mut Self {
+        self.bind(SqlValue::Real(v))
+    }
+    fn done(self) -> Built {
+        Built {
+            sql: self.sql,
+            params: self.params,
+        }
+    }
+}
+
+/// Columns every resource-returning statement selects, in this order:
+/// rid, rt, id, version, last_updated (epoch ms), deleted, body, author_org.
+pub const RESOURCE_COLUMNS: &str =
+    "r.rid, r.rt, r.id, v.version, v.last_updated, v.deleted, v.body, v.author_org";
+
+const FROM_CURRENT: &str =
+    " FROM resource_current r JOIN resource_version v ON v.rid = r.rid AND v.version = r.version";
+
+/// Index tables, for `:missing` (a parameter's type is implied by where its entries are).
+const INDEX_TABLES: [&str; 6] = [
+    "idx_string",
+    "idx_token",
+    "idx_date",
+    "idx_number",
+    "idx_reference",
+    "idx_uri",
+];
+
+/// Static statements, written once with `$n` placeholders and adapted per dialect.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    pub read: String,
+    pub vread: String,
+    pub current: String,
+    pub insert_current: String,
+    pub update_current: String,
+    pub insert_version: String,
+    pub audit_head: String,
+    pub audit_insert: String,
+    pub audit_set_head: String,
+    pub audit_scan: String,
+    pub put_client_key: String,
+    pub client_keys: String,
+    pub schema_version: String,
+}
+
+impl Statements {
+    pub fn new(d: Dialect) -> Self {
+        let lock = if d == Dialect::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        Statements {
+            read: d.adapt(&format!("SELECT {RESOURCE_COLUMNS}{FROM_CURRENT} WHERE r.rt = $1 AND r.id = $2")),
+            vread: d.adapt(&format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resource_current r JOIN resource_version v ON v.rid = r.rid \
+                 WHERE r.rt = $1 AND r.id = $2 AND v.version = $3"
+            )),
+            current: d.adapt(&format!(
+                "SELECT rid, version, last_updated, deleted FROM resource_current WHERE rt = $1 AND id = $2{lock}"
+            )),
+            insert_current: d.adapt(
+                "INSERT INTO resource_current (rt, id, version, last_updated, deleted, patient_id, author_org) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (rt, id) DO NOTHING RETURNING rid",
+            ),
+            update_current: d.adapt(
+                "UPDATE resource_current SET version = $2, last_updated = $3, deleted = $4, patient_id = $5, \
+                 author_org = $6 WHERE rid = $1",
+            ),
+            insert_version: d.adapt(
+                "INSERT INTO resource_version (rid, version, rt, last_updated, deleted, author_org, author_user, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            ),
+            audit_head: d.adapt(&format!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}")),
+            audit_insert: d.adapt(
+                "INSERT INTO audit_log (seq, recorded, record, prev_hash, hash, patient, org, usr, purpose) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            ),
+            audit_set_head: d.adapt("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1"),
+            audit_scan: d.adapt(
+                "SELECT seq, recorded, record, prev_hash, hash FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+            ),
+            put_client_key: d.adapt(
+                "INSERT INTO client_keys (client_id, kid, org, role, usr, jwk, created, revoked) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (client_id, kid) DO UPDATE SET \
+                 org = excluded.org, role = excluded.role, usr = excluded.usr, jwk = excluded.jwk, \
+                 created = excluded.created, revoked = excluded.revoked",
+            ),
+            client_keys: d.adapt(
+                "SELECT client_id, kid, org, role, usr, jwk, created, revoked FROM client_keys \
+                 WHERE client_id = $1 ORDER BY created, kid",
+            ),
+            schema_version: "SELECT COALESCE(MAX(version), 0) FROM schema_migrations".to_string(),
+        }
+    }
+}
+
+/// Whether index criteria are written as correlated `EXISTS` (cheap when the
+/// scope already narrows the rows to a patient's compartment) or as
+/// `rid IN (subquery)` (lets the index lookup drive a type-wide search).
+fn correlated(scope: &Scope) -> bool {
+    match scope {
+        Scope::Unrestricted => false,
+        Scope::AnyOf(rules) => {
+            !rules.is_empty() && rules.iter().all(|r| matches!(r, ScopeRule::Patient { .. }))
+        }
+    }
+}
+
+/// Appends the scope restriction on alias `r` (always a complete boolean term).
+fn scope_sql(b: &mut B, scope: &Scope) {
+    match scope {
+        Scope::Unrestricted => {
+            b.s("1 = 1");
+        }
+        Scope::AnyOf(rules) if rules.is_empty() => {
+            b.s("1 = 0");
+        }
+        Scope::AnyOf(rules) => {
+            b.s("(");
+            for (i, rule) in rules.iter().enumerate() {
+                if i > 0 {
+                    b.s(" OR ");
+                }
+                match rule {
+                    ScopeRule::NonPersonal => {
+                        b.s("r.patient_id IS NULL");
+                    }
+                    ScopeRule::Patient { id, types } => {
+                        b.s("(r.patient_id = ").text(id);
+                        if let Some(types) = types {
+                            in_list(b, "r.rt", types);
+                        }
+                        b.s(")");
+                    }
+                    ScopeRule::AuthoredBy(org) => {
+                        b.s("r.author_org = ").text(org);
+                    }
+                }
+            }
+            b.s(")");
+        }
+    }
+}
+
+/// ` AND col IN (...)`; an empty list admits nothing.
+fn in_list(b: &mut B, col: &str, values: &[String]) {
+    if values.is_empty() {
+        b.s(" AND 1 = 0");
+        return;
+    }
+    b.s(" AND ").s(col).s(" IN (");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            b.s(", ");
+        }
+        b.text(v);
+    }
+    b.s(")");
+}
+
+/// Opens a subquery over an index table restricted to the param; the caller
+/// appends `AND (condition)` and then `)`.
+fn open_index(b: &mut B, table: &str, rt: &str, param: &str, negate: bool, correlated: bool) {
+    let not = if negate { "NOT " } else { "" };
+    if correlated {
+        b.s(not)
+            .s("EXISTS (SELECT 1 FROM ")
+            .s(table)
+            .s(" x WHERE x.rid = r.rid AND x.param = ")
+            .text(param);
+    } else {
+        b.s("r.rid ")
+            .s(not)
+            .s("IN (SELECT x.rid FROM ")
+            .s(table)
+            .s(" x WHERE x.rt = ")
+            .text(rt);
+        b.s(" AND x.param = ").text(param);
+    }
+}
+
+/// Date prefix semantics over a resource range [lo_col, hi_col] and search range [plo, phi].
+fn date_cond(b: &mut B, lo: &str, hi: &str, m: &DateMatch) {
+    let (plo, phi) = (m.lo, m.hi);
+    match m.prefix {
+        Prefix::Eq => {
+            b.s(lo)
+                .s(" >= ")
+                .int(plo)
+                .s(" AND ")
+                .s(hi)
+                .s(" <= ")
+                .int(phi);
+        }
+        Prefix::Ne => {
+            b.s("(")
+                .s(lo)
+                .s(" < ")
+                .int(plo)
+                .s(" OR ")
+                .s(hi)
+                .s(" > ")
+                .int(phi)
+                .s(")");
+        }
+        Prefix::Lt => {
+            b.s(lo).s(" < ").int(plo);
+        }
+        Prefix::Le => {
+            b.s(lo).s(" <= ").int(phi);
+        }
+        Prefix::Gt => {
+            b.s(hi).s(" > ").int(phi);
+        }
+        Prefix::Ge => {
+            b.s(hi).s(" >= ").int(plo);
+        }
+        Prefix::Sa => {
+            b.s(lo).s(" > ").int(phi);
+        }
+        Prefix::Eb => {
+            b.s(hi).s(" < ").int(plo);
+        }
+        Prefix::Ap => {
+            b.s(lo)
+                .s(" <= ")
+                .int(phi)
+                .s(" AND ")
+                .s(hi)
+                .s(" >= ")
+                .int(plo);
+        }
+    }
+}
+
+/// Number/quantity prefix semantics on `x.value`.
+fn number_cond(b: &mut B, m: &NumberMatch, quantity: bool) {
+    b.s("(");
+    match m.prefix {
+        Prefix::Eq => {
+            b.s("x.value >= ")
+                .real(m.lo)
+                .s(" AND x.value < ")
+                .real(m.hi);
+        }
+        Prefix::Ne => {
+            b.s("(x.value < ")
+                .real(m.lo)
+                .s(" OR x.value >= ")
+                .real(m.hi)
+                .s(")");
+        }
+        Prefix::Lt | Prefix::Eb => {
+            b.s("x.value < ").real(m.value);
+        }
+        Prefix::Le => {
+            b.s("x.value <= ").real(m.value);
+        }
+        Prefix::Gt | Prefix::Sa => {
+            b.s("x.value > ").real(m.value);
+        }
+        Prefix::Ge => {
+            b.s("x.value >= ").real(m.value);
+        }
+        Prefix::Ap => {
+            // "approximately": within 10% of the value (and at least its precision range)
+            let d = (m.value.abs() * 0.1).max((m.hi - m.lo) / 2.0);
+            b.s("x.value >= ")
+                .real(m.value - d)
+                .s(" AND x.value <= ")
+                .real(m.value + d);
+        }
+    }
+    if quantity {
+        if let Some(s) = &m.system {
+            b.s(" AND x.system = ").text(s);
+        }
+        if let Some(c) = &m.code {
+            b.s(" AND x.code = ").text(c);
+        }
+    }
+    b.s(")");
+}
+
+/// Smallest string greater than every string with prefix `p` (byte/codepoint order),
+/// None when there is none (then only the lower bound applies).
+fn prefix_upper(p: &str) -> Option<String> {
+    let mut chars: Vec<char> = p.chars().collect();
+    while let Some(last) = chars.pop() {
+        let mut next = last as u32 + 1;
+        if (0xD800..=0xDFFF).contains(&next) {
+            next = 0xE000;
+        }
+        if let Some(c) = char::from_u32(next) {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// OR-ed alternatives; an empty list matches nothing.
+fn alternatives<T>(b: &mut B, items: &[T], mut f: impl FnMut(&mut B, &T)) {
+    if items.is_empty() {
+        b.s("1 = 0");
+        return;
+    }
+    b.s("(");
+    for (i, it) in items.iter().enumerate() {
+        if i > 0 {
+            b.s(" OR ");
+        }
+        b.s("(");
+        f(b, it);
+        b.s(")");
+    }
+    b.s(")");
+}
+
+fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
+    let p = c.param.as_str();
+    match &c.criterion {
+        Criterion::Id(ids) => {
+            if ids.is_empty() {
+                b.s("1 = 0");
+            } else {
+                b.s("r.id IN (");
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        b.s(", ");
+                    }
+                    b.text(id);
+                }
+                b.s(")");
+            }
+        }
+        Criterion::LastUpdated(ms) => alternatives(b, ms, |b, m| {
+            date_cond(b, "r.last_updated", "r.last_updated", m)
+        }),
+        Criterion::String { mode, values } => {
+            open_index(b, "idx_string", rt, p, false, corr);
+            b.s(" AND ");
+            let mode = *mode;
+            let strpos = b.d.strpos();
+            alternatives(b, values, |b, v| match mode {
+                StringMode::StartsWith => {
+                    b.s("x.norm >= ").text(v);
+                    if let Some(up) = prefix_upper(v) {
+                        b.s(" AND x.norm < ").text(&up);
+                    }
+                }
+                StringMode::Exact => {
+                    b.s("x.exact = ").text(v);
+                }
+                StringMode::Contains => {
+                    b.s(strpos).s("(x.norm, ").text(v).s(") > 0");
+                }
+            });
+            b.s(")");
+        }
+        Criterion::Token { values, negate } => {
+            open_index(b, "idx_token", rt, p, *negate, corr);
+            b.s(" AND ");
+            alternatives(b, values, |b, t| {
+                let mut any = true;
+                match &t.system {
+                    None => {}
+                    Some(None) => {
+                        b.s("x.system IS NULL");
+                        any = false;
+                    }
+                    Some(Some(s)) => {
+                        b.s("x.system = ").text(s);
+                        any = false;
+                    }
+                }
+                if let Some(code) = &t.code {
+                    if !any {
+                        b.s(" AND ");
+                    }
+                    b.s("x.code = ").text(code);
+                    any = false;
+                }
+                if any {
+                    b.s("1 = 1");
+                }
+            });
+            b.s(")");
+        }
+        Criterion::Date(ms) => {
+            open_index(b, "idx_date", rt, p, false, corr);
+            b.s(" AND ");
+            alternatives(b, ms, |b, m| date_cond(b, "x.lo", "x.hi", m));
+            b.s(")");
+        }
+        Criterion::Number(ms) | Criterion::Quantity(ms) => {
+            let quantity = matches!(c.criterion, Criterion::Quantity(_));
+            open_index(b, "idx_number", rt, p, false, corr);
+            b.s(" AND ");
+            alternatives(b, ms, |b, m| number_cond(b, m, quantity));
+            b.s(")");
+        }
+        Criterion::Reference(refs) => {
+            open_index(b, "idx_reference", rt, p, false, corr);
+            b.s(" AND ");
+            alternatives(b, refs, |b, m| {
+                b.s("x.target_id = ").text(&m.target_id);
+                if let Some(t) = &m.target_type {
+                    b.s(" AND x.target_type = ").text(t);
+                }
+            });
+            b.s(")");
+        }
+        Criterion::Uri(values) => {
+            open_index(b, "idx_uri", rt, p, false, corr);
+            b.s(" AND ");
+            alternatives(b, values, |b, v| {
+                b.s("x.value = ").text(v);
+            });
+            b.s(")");
+        }
+        Criterion::Missing(missing) => {
+            b.s("r.rid ").s(if *missing { "NOT IN (" } else { "IN (" });
+            for (i, t) in INDEX_TABLES.iter().enumerate() {
+                if i > 0 {
+                    b.s(" UNION ALL ");
+                }
+                b.s("SELECT x.rid FROM ")
+                    .s(t)
+                    .s(" x WHERE x.rt = ")
+                    .text(rt)
+                    .s(" AND x.param = ")
+                    .text(p);
+            }
+            b.s(")");
+        }
+    }
+}
+
+/// `WHERE ...` for a search: type, not deleted, scope, clauses.
+fn search_where(b: &mut B, q: &SearchQuery, scope: &Scope) {
+    let corr = correlated(scope);
+    b.s(" WHERE r.rt = ")
+        .text(&q.resource_type)
+        .s(" AND r.deleted = FALSE AND ");
+    scope_sql(b, scope);
+    for c in &q.clauses {
+        b.s(" AND ");
+        clause_sql(b, &q.resource_type, c, corr);
+    }
+}
+
+fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
+    b.s(" ORDER BY ");
+    if sort.is_empty() {
+        b.s("r.last_updated DESC, r.id ASC");
+        return Ok(());
+    }
+    for k in sort {
+        let dir = if k.descending { "DESC" } else { "ASC" };
+        match k.param.as_str() {
+            "_id" => {
+                b.s("r.id ").s(dir);
+            }
+            "_lastUpdated" => {
+                b.s("r.last_updated ").s(dir);
+            }
+            _ => {
+                let (table, col) = match k.param_type {
+                    ParamType::String => ("idx_string", "norm"),
+                    ParamType::Token => ("idx_token", "code"),
+                    ParamType::Date => ("idx_date", "lo"),
+                    ParamType::Number | ParamType::Quantity => ("idx_number", "value"),
+                    ParamType::Reference => ("idx_reference", "target_id"),
+                    ParamType::Uri => ("idx_uri", "value"),
+                    ParamType::Composite | ParamType::Special => {
+                        return Err(FhirError::not_supported(format!(
+                            "sorting by parameter '{}' of type {} is not supported",
+                            k.param,
+                            k.param_type.as_str()
+                        )));
+                    }
+                };
+                let agg = if k.descending { "MAX" } else { "MIN" };
+                let _ = write!(
+                    b.sql,
+                    "(SELECT {agg}(s.{col}) FROM {table} s WHERE s.rid = r.rid AND s.param = "
+                );
+                b.text(&k.param).s(") ").s(dir).s(" NULLS LAST");
+            }
+        }
+        b.s(", ");
+    }
+    b.s("r.id ASC");
+    Ok(())
+}
+
+/// The page of matches: [`RESOURCE_COLUMNS`], ordered and paged.
+pub fn search_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Built> {
+    let mut b = B::new(d);
+    b.s("SELECT ").s(RESOURCE_COLUMNS).s(FROM_CURRENT);
+    search_where(&mut b, q, scope);
+    sort_sql(&mut b, &q.sort)?;
+    b.s(" LIMIT ")
+        .int(to_i64(q.count))
+        .s(" OFFSET ")
+        .int(to_i64(q.offset));
+    Ok(b.done())
+}
+
+/// `SELECT COUNT(*)` of all matches (no paging).
+pub fn search_count(d: Dialect, q: &SearchQuery, scope: &Scope) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT COUNT(*) FROM resource_current r");
+    search_where(&mut b, q, scope);
+    b.done()
+}
+
+fn rid_list(b: &mut B, rids: &[i64]) {
+    b.s("(");
+    for (i, r) in rids.iter().enumerate() {
+        if i > 0 {
+            b.s(", ");
+        }
+        b.int(*r);
+    }
+    b.s(")");
+}
+
+/// Resources referenced by `rids` through `inc.param` (current, not deleted, in scope).
+pub fn include(d: Dialect, inc: &Include, rids: &[i64], scope: &Scope) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT ")
+        .s(RESOURCE_COLUMNS)
+        .s(FROM_CURRENT)
+        .s(" WHERE r.deleted = FALSE AND ");
+    scope_sql(&mut b, scope);
+    b.s(" AND r.rid IN (SELECT c.rid FROM idx_reference x JOIN resource_current c ON c.rt = x.target_type AND c.id = x.target_id WHERE x.rid IN ");
+    rid_list(&mut b, rids);
+    b.s(" AND x.rt = ")
+        .text(&inc.source_type)
+        .s(" AND x.param = ")
+        .text(&inc.param);
+    if let Some(t) = &inc.target_type {
+        b.s(" AND x.target_type = ").text(t);
+    }
+    b.s(") ORDER BY r.rt, r.id");
+    b.done()
+}
+
+/// Resources of `inc.source_type` whose `inc.param` references one of `ids` of type `target_type`.
+pub fn revinclude(
+    d: Dialect,
+    inc: &Include,
+    target_type: &str,
+    ids: &[String],
+    scope: &Scope,
+) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT ")
+        .s(RESOURCE_COLUMNS)
+        .s(FROM_CURRENT)
+        .s(" WHERE r.rt = ")
+        .text(&inc.source_type);
+    b.s(" AND r.deleted = FALSE AND ");
+    scope_sql(&mut b, scope);
+    b.s(" AND r.rid IN (SELECT x.rid FROM idx_reference x WHERE x.rt = ")
+        .text(&inc.source_type);
+    b.s(" AND x.param = ")
+        .text(&inc.param)
+        .s(" AND x.target_type = ")
+        .text(target_type);
+    in_list(&mut b, "x.target_id", ids);
+    b.s(") ORDER BY r.rt, r.id");
+    b.done()
+}
+
+fn compartment_where(b: &mut B, patient_id: &str, scope: &Scope) {
+    b.s(" WHERE r.deleted = FALSE AND (r.patient_id = ")
+        .text(patient_id);
+    b.s(" OR (r.rt = 'Patient' AND r.id = ")
+        .text(patient_id)
+        .s(")) AND ");
+    scope_sql(b, scope);
+}
+
+/// A patient's compartment: the Patient first, then by type and id.
+pub fn compartment_page(
+    d: Dialect,
+    patient_id: &str,
+    scope: &Scope,
+    count: usize,
+    offset: usize,
+) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT ").s(RESOURCE_COLUMNS).s(FROM_CURRENT);
+    compartment_where(&mut b, patient_id, scope);
+    b.s(" ORDER BY CASE WHEN r.rt = 'Patient' AND r.id = ")
+        .text(patient_id);
+    b.s(" THEN 0 ELSE 1 END, r.rt, r.id LIMIT ")
+        .int(to_i64(count))
+        .s(" OFFSET ")
+        .int(to_i64(offset));
+    b.done()
+}
+
+pub fn compartment_count(d: Dialect, patient_id: &str, scope: &Scope) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT COUNT(*) FROM resource_current r");
+    compartment_where(&mut b, patient_id, scope);
+    b.done()
+}
+
+/// Page size used when a history query asks for `count == 0`.
+pub const DEFAULT_HISTORY_COUNT: usize = 50;
+
+/// Versions newest first, with rt/id from the current row.
+pub fn history(d: Dialect, q: &HistoryQuery) -> Built {
+    let mut b = B::new(d);
+    b.s(
+        "SELECT v.rid, r.rt, r.id, v.version, v.last_updated, v.deleted, v.body, v.author_org \
+         FROM resource_version v JOIN resource_current r ON r.rid = v.rid WHERE 1 = 1",
+    );
+    if let Some(rt) = &q.resource_type {
+        b.s(" AND v.rt = ").text(rt);
+    }
+    if let Some(id) = &q.id {
+        b.s(" AND r.id = ").text(id);
+    }
+    if let Some(since) = &q.since {
+        b.s(" AND v.last_updated >= ").int(since.timestamp_millis());
+    }
+    b.s(" ORDER BY v.last_updated DESC, v.rid DESC, v.version DESC LIMIT ");
+    let count = if q.count == 0 {
+        DEFAULT_HISTORY_COUNT
+    } else {
+        q.count
+    };
+    b.int(to_i64(count)).s(" OFFSET ").int(to_i64(q.offset));
+    b.done()
+}
+
+/// Page size used when an audit query asks for `limit == 0`.
+pub const DEFAULT_AUDIT_LIMIT: usize = 100;
+
+/// Audit entries matching the filter, newest first.
+pub fn audit_query(d: Dialect, f: &AuditFilter) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT seq, recorded, record, prev_hash, hash FROM audit_log WHERE 1 = 1");
+    for (col, v) in [
+        ("patient", &f.patient),
+        ("org", &f.org),
+        ("usr", &f.user),
+        ("purpose", &f.purpose),
+    ] {
+        if let Some(v) = v {
+            b.s(" AND ").s(col).s(" = ").text(v);
+        }
+    }
+    if let Some(s) = &f.since {
+        b.s(" AND recorded >= ").int(s.timestamp_millis());
+    }
+    if let Some(u) = &f.until {
+        b.s(" AND recorded <= ").int(u.timestamp_millis());
+    }
+    if let Some(a) = f.after_seq {
+        b.s(" AND seq > ").int(a);
+    }
+    let limit = if f.limit == 0 {
+        DEFAULT_AUDIT_LIMIT
+    } else {
+        f.limit
+    };
+    b.s(" ORDER BY seq DESC LIMIT ").int(to_i64(limit));
+    b.done()
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tsunagi_fhir::search::TokenMatch;
+
+    #[test]
+    fn prefix_upper_bounds() {
+        assert_eq!(prefix_upper("abc").as_deref(), Some("abd"));
+        assert_eq!(prefix_upper("").as_deref(), None);
+        assert_eq!(prefix_upper("a\u{10FFFF}").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn placeholders_are_numbered_per_dialect() {
+        let q = SearchQuery::new("Patient").with(
+            "identifier",
+            Criterion::Token {
+                values: vec![TokenMatch {
+                    system: None,
+                    code: Some("1".into()),
+                }],
+                negate: false,
+            },
+        );
+        let s = search_page(Dialect::Sqlite, &q, &Scope::Unrestricted).unwrap();
+        let p = search_page(Dialect::Postgres, &q, &Scope::Unrestricted).unwrap();
+        assert_eq!(s.params, p.params);
+        assert_eq!(s.sql.replace('?', "$"), p.sql);
+        assert!(p.sql.contains(&format!("${}", p.params.len())));
+    }
+}

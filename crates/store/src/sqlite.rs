@@ -1,0 +1,738 @@
+//! Embedded SQLite backend (the default): a single database file.
+//!
+//! One writer connection behind a mutex serialises all writes (SQLite allows
+//! one writer at a time anyway; queuing in-process avoids busy retries), and a
+//! small pool of reader connections serves reads and searches concurrently
+//! thanks to WAL mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::Value;
+use tsunagi_fhir::search::{IndexEntry, IndexValue, SearchQuery};
+use tsunagi_fhir::{FhirError, FhirResult};
+
+use crate::api::*;
+use crate::engine::{self, AuditColumns, Current, CurrentRow, Ops, Row, TxOps};
+use crate::schema;
+use crate::sql::{self, Built, Dialect, SqlValue, Statements};
+
+/// Idle reader connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+/// How long a connection waits for a lock held by another process before failing.
+const BUSY_TIMEOUT_MS: u32 = 10_000;
+
+/// The embedded store.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    st: Statements,
+}
+
+pub(crate) fn db_err(e: rusqlite::Error) -> FhirError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && matches!(
+            f.code,
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+        )
+    {
+        tracing::warn!(error = %e, "sqlite busy");
+        return FhirError::unavailable("the database is busy; retry");
+    }
+    tracing::error!(error = %e, "sqlite error");
+    FhirError::internal("storage error")
+}
+
+impl rusqlite::ToSql for SqlValue {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            SqlValue::Text(s) => ValueRef::Text(s.as_bytes()),
+            SqlValue::Int(i) => ValueRef::Integer(*i),
+            SqlValue::Real(f) => ValueRef::Real(*f),
+        }))
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies pending migrations.
+    ///
+    /// Durability: WAL mode with `synchronous=FULL`, so the WAL is fsynced before
+    /// a commit returns. A write acknowledged to a client therefore survives
+    /// `kill -9` of the server *and* an OS crash or power loss; `NORMAL` would
+    /// only survive the former and could silently drop acknowledged writes.
+    pub fn open(path: &Path) -> FhirResult<SqliteStore> {
+        let writer = Connection::open(path).map_err(db_err)?;
+        writer
+            .execute_batch(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; \
+                 PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536; \
+                 PRAGMA wal_autocheckpoint = 4000;"
+            ))
+            .map_err(db_err)?;
+        migrate(&writer)?;
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            st: Statements::new(Dialect::Sqlite),
+        };
+        // Open one reader now so a bad path or permission fails at startup.
+        let r = store.reader()?;
+        drop(r);
+        Ok(store)
+    }
+
+    fn open_reader(&self) -> FhirResult<Connection> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let c = Connection::open_with_flags(&self.path, flags).map_err(db_err)?;
+        c.execute_batch(&format!(
+            "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA query_only = ON; PRAGMA temp_store = MEMORY; \
+             PRAGMA cache_size = -32768;"
+        ))
+        .map_err(db_err)?;
+        Ok(c)
+    }
+
+    fn reader(&self) -> FhirResult<Reader<'_>> {
+        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => self.open_reader()?,
+        };
+        Ok(Reader {
+            store: self,
+            conn: Some(conn),
+        })
+    }
+
+    /// The writer, with any transaction a panicking holder left open rolled back.
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if !guard.is_autocommit() {
+            let _ = guard.execute_batch("ROLLBACK");
+        }
+        guard
+    }
+
+    /// Test hook: runs raw SQL on the writer connection (used by the conformance
+    /// suite to tamper with the audit log). Not for production use.
+    #[doc(hidden)]
+    pub fn raw_execute(&self, sql: &str) -> FhirResult<()> {
+        self.writer().execute_batch(sql).map_err(db_err)
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&mut SqliteOps<'_>) -> FhirResult<T>) -> FhirResult<T> {
+        let r = self.reader()?;
+        let Some(conn) = r.conn.as_ref() else {
+            return Err(FhirError::internal("reader unavailable"));
+        };
+        f(&mut SqliteOps { conn, st: &self.st })
+    }
+}
+
+/// A pooled reader connection; returned to the pool on drop.
+struct Reader<'a> {
+    store: &'a SqliteStore,
+    conn: Option<Connection>,
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let mut idle = self.store.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+fn migrate(conn: &Connection) -> FhirResult<()> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = (|| {
+        conn.execute_batch(schema::bootstrap(Dialect::Sqlite))
+            .map_err(db_err)?;
+        let current: i64 = conn
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        for (version, ddl) in schema::migrations(Dialect::Sqlite) {
+            if version <= current {
+                continue;
+            }
+            conn.execute_batch(&ddl).map_err(db_err)?;
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![version, engine::format_instant(&chrono::Utc::now())],
+            )
+            .map_err(db_err)?;
+            tracing::info!(version, "sqlite migration applied");
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(db_err),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Primitive operations on one SQLite connection.
+struct SqliteOps<'c> {
+    conn: &'c Connection,
+    st: &'c Statements,
+}
+
+fn row_of(
+    r: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    bool,
+    Option<String>,
+    Option<String>,
+)> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+impl Ops for SqliteOps<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    fn rows(&mut self, q: &Built) -> FhirResult<Vec<Row>> {
+        let mut stmt = self.conn.prepare_cached(&q.sql).map_err(db_err)?;
+        let raw = stmt
+            .query_map(rusqlite::params_from_iter(q.params.iter()), row_of)
+            .map_err(db_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        raw.into_iter()
+            .map(|(rid, rt, id, version, lu, deleted, body, author_org)| {
+                Ok(Row {
+                    rid,
+                    res: StoredResource {
+                        resource_type: rt,
+                        id,
+                        version,
+                        last_updated: engine::ms_to_dt(lu)?,
+                        deleted,
+                        resource: engine::parse_body(body)?,
+                        author_org,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    fn count(&mut self, q: &Built) -> FhirResult<u64> {
+        let mut stmt = self.conn.prepare_cached(&q.sql).map_err(db_err)?;
+        let n: i64 = stmt
+            .query_row(rusqlite::params_from_iter(q.params.iter()), |r| r.get(0))
+            .map_err(db_err)?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+const INSERT_STRING: &str =
+    "INSERT INTO idx_string (rid, rt, param, norm, exact) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_TOKEN: &str =
+    "INSERT INTO idx_token (rid, rt, param, system, code) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_DATE: &str =
+    "INSERT INTO idx_date (rid, rt, param, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_NUMBER: &str =
+    "INSERT INTO idx_number (rid, rt, param, value, system, code) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const INSERT_REFERENCE: &str = "INSERT INTO idx_reference (rid, rt, param, target_type, target_id) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_URI: &str = "INSERT INTO idx_uri (rid, rt, param, value) VALUES (?1, ?2, ?3, ?4)";
+const CLEAR_INDEX: [&str; 6] = [
+    "DELETE FROM idx_string WHERE rid = ?1",
+    "DELETE FROM idx_token WHERE rid = ?1",
+    "DELETE FROM idx_date WHERE rid = ?1",
+    "DELETE FROM idx_number WHERE rid = ?1",
+    "DELETE FROM idx_reference WHERE rid = ?1",
+    "DELETE FROM idx_uri WHERE rid = ?1",
+];
+
+impl TxOps for SqliteOps<'_> {
+    fn current(&mut self, rt: &str, id: &str) -> FhirResult<Option<Current>> {
+        let mut stmt = self.conn.prepare_cached(&self.st.current).map_err(db_err)?;
+        stmt.query_row(params![rt, id], |r| {
+            Ok(Current {
+                rid: r.get(0)?,
+                version: r.get(1)?,
+                last_updated: r.get(2)?,
+                deleted: r.get(3)?,
+            })
+        })
+        .optional()
+        .map_err(db_err)
+    }
+
+    fn insert_current(&mut self, rt: &str, id: &str, row: &CurrentRow) -> FhirResult<Option<i64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.st.insert_current)
+            .map_err(db_err)?;
+        stmt.query_row(
+            params![
+                rt,
+                id,
+                row.version,
+                row.last_updated,
+                row.deleted,
+                row.patient_id,
+                row.author_org
+            ],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)
+    }
+
+    fn update_current(&mut self, rid: i64, row: &CurrentRow) -> FhirResult<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.st.update_current)
+            .map_err(db_err)?;
+        stmt.execute(params![
+            rid,
+            row.version,
+            row.last_updated,
+            row.deleted,
+            row.patient_id,
+            row.author_org
+        ])
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn insert_version(
+        &mut self,
+        rid: i64,
+        rt: &str,
+        version: i64,
+        last_updated: i64,
+        deleted: bool,
+        ctx: &WriteContext,
+        body: Option<&str>,
+    ) -> FhirResult<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.st.insert_version)
+            .map_err(db_err)?;
+        stmt.execute(params![
+            rid,
+            version,
+            rt,
+            last_updated,
+            deleted,
+            ctx.org,
+            ctx.user,
+            body
+        ])
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn clear_index(&mut self, rid: i64) -> FhirResult<()> {
+        for sql in CLEAR_INDEX {
+            self.conn
+                .prepare_cached(sql)
+                .map_err(db_err)?
+                .execute([rid])
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn insert_index(&mut self, rid: i64, rt: &str, entries: &[IndexEntry]) -> FhirResult<()> {
+        for e in entries {
+            let p = e.param.as_str();
+            match &e.value {
+                IndexValue::String { norm, exact } => self
+                    .conn
+                    .prepare_cached(INSERT_STRING)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, norm, exact]),
+                IndexValue::Token { system, code } => self
+                    .conn
+                    .prepare_cached(INSERT_TOKEN)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, system, code]),
+                IndexValue::Date { lo, hi } => self
+                    .conn
+                    .prepare_cached(INSERT_DATE)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, lo, hi]),
+                IndexValue::Number { value } => self
+                    .conn
+                    .prepare_cached(INSERT_NUMBER)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, value, None::<&str>, None::<&str>]),
+                IndexValue::Quantity {
+                    value,
+                    system,
+                    code,
+                } => self
+                    .conn
+                    .prepare_cached(INSERT_NUMBER)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, value, system, code]),
+                IndexValue::Reference {
+                    target_type,
+                    target_id,
+                } => self
+                    .conn
+                    .prepare_cached(INSERT_REFERENCE)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, target_type, target_id]),
+                IndexValue::Uri(u) => self
+                    .conn
+                    .prepare_cached(INSERT_URI)
+                    .map_err(db_err)?
+                    .execute(params![rid, rt, p, u]),
+            }
+            .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn audit_head(&mut self) -> FhirResult<(i64, String)> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.st.audit_head)
+            .map_err(db_err)?;
+        stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db_err)
+    }
+
+    fn audit_insert(&mut self, e: &AuditEntry, record: &str, c: &AuditColumns) -> FhirResult<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.st.audit_insert)
+            .map_err(db_err)?;
+        stmt.execute(params![
+            e.seq,
+            e.recorded.timestamp_millis(),
+            record,
+            e.prev_hash,
+            e.hash,
+            c.patient,
+            c.org,
+            c.user,
+            c.purpose
+        ])
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn audit_set_head(&mut self, seq: i64, hash: &str) -> FhirResult<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.st.audit_set_head)
+            .map_err(db_err)?;
+        stmt.execute(params![seq, hash]).map_err(db_err)?;
+        Ok(())
+    }
+}
+
+/// A write transaction holding the writer connection: `BEGIN IMMEDIATE` on
+/// start, `ROLLBACK` when dropped uncommitted.
+pub struct SqliteTransaction<'a> {
+    conn: MutexGuard<'a, Connection>,
+    st: &'a Statements,
+    done: bool,
+}
+
+impl SqliteTransaction<'_> {
+    fn ops(&self) -> SqliteOps<'_> {
+        SqliteOps {
+            conn: &self.conn,
+            st: self.st,
+        }
+    }
+}
+
+impl Drop for SqliteTransaction<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "sqlite rollback failed");
+        }
+    }
+}
+
+impl Transaction for SqliteTransaction<'_> {
+    fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        ctx: &WriteContext,
+    ) -> FhirResult<StoredResource> {
+        engine::create(&mut self.ops(), resource_type, id, resource, ctx)
+    }
+
+    fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        if_match: Option<i64>,
+        ctx: &WriteContext,
+    ) -> FhirResult<(StoredResource, bool)> {
+        engine::update(&mut self.ops(), resource_type, id, resource, if_match, ctx)
+    }
+
+    fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        ctx: &WriteContext,
+    ) -> FhirResult<Option<StoredResource>> {
+        engine::delete(&mut self.ops(), resource_type, id, if_match, ctx)
+    }
+
+    fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
+        read_one(&mut self.ops(), &self.st.read, resource_type, id)
+    }
+
+    fn search(&mut self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult> {
+        engine::search(&mut self.ops(), query, scope)
+    }
+
+    fn audit_append(&mut self, records: &[Value]) -> FhirResult<Vec<AuditEntry>> {
+        engine::audit_append(&mut self.ops(), records)
+    }
+
+    fn commit(mut self: Box<Self>) -> FhirResult<()> {
+        self.done = true;
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(db_err(e));
+        }
+        Ok(())
+    }
+}
+
+fn read_one(
+    o: &mut SqliteOps<'_>,
+    sql: &str,
+    rt: &str,
+    id: &str,
+) -> FhirResult<Option<StoredResource>> {
+    let q = Built {
+        sql: sql.to_string(),
+        params: vec![SqlValue::Text(rt.into()), SqlValue::Text(id.into())],
+    };
+    Ok(o.rows(&q)?.pop().map(|r| r.res))
+}
+
+fn audit_rows(conn: &Connection, q: &Built) -> FhirResult<Vec<AuditEntry>> {
+    let mut stmt = conn.prepare_cached(&q.sql).map_err(db_err)?;
+    let raw = stmt
+        .query_map(rusqlite::params_from_iter(q.params.iter()), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    raw.into_iter()
+        .map(|(s, t, rec, p, h)| engine::audit_entry(s, t, &rec, p, h))
+        .collect()
+}
+
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn begin(&self) -> FhirResult<Box<dyn Transaction + '_>> {
+        let conn = self.writer();
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+        Ok(Box::new(SqliteTransaction {
+            conn,
+            st: &self.st,
+            done: false,
+        }))
+    }
+
+    fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
+        self.with_reader(|o| read_one(o, &self.st.read, resource_type, id))
+    }
+
+    fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> FhirResult<Option<StoredResource>> {
+        self.with_reader(|o| {
+            let q = Built {
+                sql: self.st.vread.clone(),
+                params: vec![
+                    SqlValue::Text(resource_type.into()),
+                    SqlValue::Text(id.into()),
+                    SqlValue::Int(version),
+                ],
+            };
+            Ok(o.rows(&q)?.pop().map(|r| r.res))
+        })
+    }
+
+    fn history(&self, query: &HistoryQuery) -> FhirResult<Vec<StoredResource>> {
+        let q = sql::history(Dialect::Sqlite, query);
+        self.with_reader(|o| Ok(o.rows(&q)?.into_iter().map(|r| r.res).collect()))
+    }
+
+    fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult> {
+        self.with_reader(|o| engine::search(o, query, scope))
+    }
+
+    fn patient_compartment(
+        &self,
+        patient_id: &str,
+        scope: &Scope,
+        count: usize,
+        offset: usize,
+    ) -> FhirResult<SearchResult> {
+        self.with_reader(|o| engine::patient_compartment(o, patient_id, scope, count, offset))
+    }
+
+    fn audit_append(&self, records: &[Value]) -> FhirResult<Vec<AuditEntry>> {
+        let mut tx = self.begin()?;
+        let out = tx.audit_append(records)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn audit_scan(&self, after_seq: i64, limit: usize) -> FhirResult<Vec<AuditEntry>> {
+        let q = Built {
+            sql: self.st.audit_scan.clone(),
+            params: vec![
+                SqlValue::Int(after_seq),
+                SqlValue::Int(i64::try_from(limit).unwrap_or(i64::MAX)),
+            ],
+        };
+        self.with_reader(|o| audit_rows(o.conn, &q))
+    }
+
+    fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>> {
+        let q = sql::audit_query(Dialect::Sqlite, filter);
+        self.with_reader(|o| audit_rows(o.conn, &q))
+    }
+
+    fn put_client_key(&self, key: &ClientKey) -> FhirResult<()> {
+        let conn = self.writer();
+        let jwk = serde_json::to_string(&key.jwk)
+            .map_err(|_| FhirError::internal("jwk could not be serialised"))?;
+        conn.prepare_cached(&self.st.put_client_key)
+            .map_err(db_err)?
+            .execute(params![
+                key.client_id,
+                key.kid,
+                key.org,
+                key.role,
+                key.user,
+                jwk,
+                key.created.timestamp_millis(),
+                key.revoked
+            ])
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn client_keys(&self, client_id: &str) -> FhirResult<Vec<ClientKey>> {
+        self.with_reader(|o| {
+            let mut stmt = o
+                .conn
+                .prepare_cached(&self.st.client_keys)
+                .map_err(db_err)?;
+            let raw = stmt
+                .query_map([client_id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, bool>(7)?,
+                    ))
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            raw.into_iter()
+                .map(|(client_id, kid, org, role, user, jwk, created, revoked)| {
+                    Ok(ClientKey {
+                        client_id,
+                        org,
+                        kid,
+                        role,
+                        user,
+                        jwk: serde_json::from_str(&jwk)
+                            .map_err(|_| FhirError::internal("stored jwk is not JSON"))?,
+                        created: engine::ms_to_dt(created)?,
+                        revoked,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn schema_version(&self) -> FhirResult<i64> {
+        self.with_reader(|o| {
+            o.conn
+                .query_row(&self.st.schema_version, [], |r| r.get(0))
+                .map_err(db_err)
+        })
+    }
+
+    fn size_bytes(&self) -> FhirResult<u64> {
+        let db: i64 = self.with_reader(|o| {
+            o.conn
+                .query_row(
+                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)
+        })?;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let wal = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        Ok(db.max(0) as u64 + wal)
+    }
+}
