@@ -1,1 +1,15 @@
-//! tsunagi-policy
+//! tsunagi-policy: the platform's identity and authorisation core and audit records.
+//!
+//! - [`identity`]: organisation kinds, roles, purposes of use, [`Principal`].
+//! - [`ids`]: Japanese identifier formats (医療機関等コード, 保険者番号, ...) and check digits.
+//! - [`token`]: the server's Ed25519 key; issuing and verifying bearer tokens.
+//! - [`client`]: SMART Backend Services `private_key_jwt` client-credentials exchange.
+//! - [`policy`]: the single policy module deciding every request (deny by default).
+//! - [`audit`]: audit records and the group-commit [`AuditSink`].
+
+pub mod identity;
+pub mod ids;
+pub mod token;
+
+pub use identity::{OrgKind, Principal, Purpose, Role, role_allowed_for};
+pub use token::ServerKeys;
