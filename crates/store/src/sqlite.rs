@@ -193,9 +193,8 @@ struct SqliteOps<'c> {
     st: &'c Statements,
 }
 
-fn row_of(
-    r: &rusqlite::Row<'_>,
-) -> rusqlite::Result<(
+/// rid, rt, id, version, last_updated, deleted, body, author_org.
+type RawRow = (
     i64,
     String,
     String,
@@ -204,7 +203,9 @@ fn row_of(
     bool,
     Option<String>,
     Option<String>,
-)> {
+);
+
+fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
