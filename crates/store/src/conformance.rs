@@ -1044,6 +1044,7 @@ pub fn sort_and_paging(h: &dyn Harness) {
             patient("p6", "Abe", Some("1990-01-15"), "male"),
         )],
     );
+    sleep_ms(3);
     let mut tx = s.begin().unwrap();
     let mut nameless = patient("p7", "x", Some("1990-01-15"), "male");
     nameless.as_object_mut().unwrap().remove("name");
@@ -1400,6 +1401,7 @@ pub fn history_since_and_paging(h: &dyn Harness) {
     .unwrap();
     tx.delete("Observation", "o1", None, &ctx("A")).unwrap();
     tx.commit().unwrap();
+    sleep_ms(3);
     let mut tx = s.begin().unwrap();
     tx.update(
         "Patient",
