@@ -9,7 +9,9 @@
 
 pub mod identity;
 pub mod ids;
+pub mod policy;
 pub mod token;
 
 pub use identity::{OrgKind, Principal, Purpose, Role, role_allowed_for};
+pub use policy::{AccessRequest, AccessRule, Decision, Denial, Operation, Permit, Policy};
 pub use token::ServerKeys;
