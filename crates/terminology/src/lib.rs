@@ -41,8 +41,11 @@ pub mod systems {
     ];
     /// 一般名処方マスタ code.
     pub const GENERAL_NAME: &[&str] = &["urn:oid:1.2.392.100495.20.1.81", "http://jpfhir.jp/fhir/core/mhlw/CodeSystem/MedicationGeneralOrderCode"];
-    /// 傷病名コード (claims disease code).
-    pub const DISEASE_RECEIPT: &[&str] = &["urn:oid:1.2.392.200119.4.101.6"];
+    /// 傷病名コード (claims disease code, 7 digits). No canonical URI for it was found
+    /// in the loaded IGs, so a Tsunagi-local URI is used until one is confirmed.
+    pub const DISEASE_RECEIPT: &[&str] = &["urn:tsunagi:ssk:disease-code"];
+    /// 病名交換用コード (MEDIS exchange code, 4 characters, not unique).
+    pub const DISEASE_EXCHANGE: &[&str] = &["urn:oid:1.2.392.200119.4.101.6"];
     /// 病名管理番号 (MEDIS standard disease-name key number).
     pub const DISEASE_KEY: &[&str] = &["http://medis.or.jp/CodeSystem/master-disease-keyNumber"];
     /// 修飾語管理番号 (MEDIS modifier key number).
@@ -201,6 +204,7 @@ pub struct Terminology {
     general_names: HashMap<String, String>,
     diseases: HashMap<String, Disease>,
     diseases_by_key: HashMap<String, String>,
+    diseases_by_exchange: HashMap<String, Vec<String>>,
     modifiers: HashMap<String, Modifier>,
     modifiers_by_key: HashMap<String, String>,
     lab: HashMap<String, LabCode>,
@@ -265,7 +269,11 @@ impl Terminology {
     pub fn set_diseases(&mut self, rows: Vec<Disease>) {
         self.diseases.clear();
         self.diseases_by_key.clear();
+        self.diseases_by_exchange.clear();
         for d in rows {
+            if !d.exchange_code.is_empty() {
+                self.diseases_by_exchange.entry(d.exchange_code.clone()).or_default().push(d.code.clone());
+            }
             if !d.key_number.is_empty() {
                 self.diseases_by_key.insert(d.key_number.clone(), d.code.clone());
             }
@@ -315,6 +323,10 @@ impl Terminology {
     pub fn disease_by_key(&self, key_number: &str) -> Option<&Disease> {
         self.diseases_by_key.get(key_number).and_then(|c| self.diseases.get(c))
     }
+    /// Diseases sharing a 病名交換用コード.
+    pub fn diseases_by_exchange_code(&self, exchange: &str) -> Vec<&Disease> {
+        self.diseases_by_exchange.get(exchange).map(|v| v.iter().filter_map(|c| self.diseases.get(c)).collect()).unwrap_or_default()
+    }
     /// 傷病名コード → 病名管理番号.
     pub fn disease_key_number(&self, code: &str) -> Option<&str> {
         self.diseases.get(code).map(|d| d.key_number.as_str()).filter(|s| !s.is_empty())
@@ -355,7 +367,7 @@ impl Terminology {
     pub fn master_of(&self, system: &str) -> Option<MasterKind> {
         let k = if systems::DRUG_RECEIPT.contains(&system) || systems::YJ.contains(&system) || systems::GENERAL_NAME.contains(&system) {
             MasterKind::Drug
-        } else if systems::DISEASE_RECEIPT.contains(&system) || systems::DISEASE_KEY.contains(&system) {
+        } else if systems::DISEASE_RECEIPT.contains(&system) || systems::DISEASE_KEY.contains(&system) || systems::DISEASE_EXCHANGE.contains(&system) {
             MasterKind::Disease
         } else if systems::MODIFIER_KEY.contains(&system) {
             MasterKind::Modifier
@@ -394,7 +406,13 @@ impl Terminology {
                 Some(r(&d.name, vec![("receiptCode", &d.receipt_code), ("generalCode", &d.general_code), ("ingredient", yj::ingredient(code).unwrap_or(""))]))
             }
             MasterKind::Disease => {
-                let d = if systems::DISEASE_KEY.contains(&system) { self.disease_by_key(code)? } else { self.disease(code)? };
+                let d = if systems::DISEASE_KEY.contains(&system) {
+                    self.disease_by_key(code)?
+                } else if systems::DISEASE_EXCHANGE.contains(&system) {
+                    *self.diseases_by_exchange_code(code).first()?
+                } else {
+                    self.disease(code)?
+                };
                 Some(r(&d.name, vec![("diseaseCode", &d.code), ("keyNumber", &d.key_number), ("icd10", &d.icd10), ("icd10Secondary", &d.icd10_secondary), ("kana", &d.kana)]))
             }
             MasterKind::Modifier => {

@@ -62,11 +62,13 @@ pub(crate) struct St<'a> {
     roots: Vec<&'a Value>,
     /// The next resource validated is a contained one.
     contained_next: bool,
+    /// The next resource's explicit profiles are alternatives.
+    any_of: bool,
 }
 
 impl St<'_> {
     pub fn new() -> Self {
-        St { issues: Vec::new(), unsupported: HashSet::new(), bundle: None, depth: 0, probe: false, roots: Vec::new(), contained_next: false }
+        St { issues: Vec::new(), unsupported: HashSet::new(), bundle: None, depth: 0, probe: false, roots: Vec::new(), contained_next: false, any_of: false }
     }
     fn err(&mut self, code: &'static str, path: &str, msg: String) {
         self.issues.push(Issue::error(code, Some(path.to_string()), msg));
@@ -215,8 +217,10 @@ impl Engine {
                 }
                 continue;
             }
-            if inc.get("filter").is_some() {
-                out.open_systems.insert(system.to_string());
+            if let Some(filters) = inc.get("filter").and_then(Value::as_array) {
+                if !self.expand_filter(system, filters, out) {
+                    out.open_systems.insert(system.to_string());
+                }
                 continue;
             }
             match self.conf.code_system(system) {
@@ -240,6 +244,47 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// `concept is-a X` / `descendent-of X` filters over a CodeSystem in the packages.
+    fn expand_filter(&self, system: &str, filters: &[Value], out: &mut VsCodes) -> bool {
+        let [f] = filters else { return false };
+        let (Some("concept"), Some(op), Some(val)) =
+            (f.get("property").and_then(Value::as_str), f.get("op").and_then(Value::as_str), f.get("value").and_then(Value::as_str))
+        else {
+            return false;
+        };
+        if op != "is-a" && op != "descendent-of" {
+            return false;
+        }
+        let Some(cs) = self.conf.code_system(system) else { return false };
+        fn find<'v>(a: &'v [Value], code: &str) -> Option<&'v Value> {
+            for c in a {
+                if c.get("code").and_then(Value::as_str) == Some(code) {
+                    return Some(c);
+                }
+                if let Some(x) = c.get("concept").and_then(Value::as_array).and_then(|k| find(k, code)) {
+                    return Some(x);
+                }
+            }
+            None
+        }
+        fn all(system: &str, a: &[Value], out: &mut VsCodes) {
+            for c in a {
+                if let Some(code) = c.get("code").and_then(Value::as_str) {
+                    out.codes.insert((system.to_string(), code.to_string()));
+                }
+                if let Some(x) = c.get("concept").and_then(Value::as_array) {
+                    all(system, x, out);
+                }
+            }
+        }
+        let Some(node) = cs.get("concept").and_then(Value::as_array).and_then(|a| find(a, val)) else { return false };
+        if op == "is-a" {
+            out.codes.insert((system.to_string(), val.to_string()));
+        }
+        all(system, node.get("concept").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]), out);
+        true
     }
 
     // ------------------------------------------------------------ entry points
@@ -314,6 +359,15 @@ impl Engine {
         let mut wanted: Vec<String> = explicit.to_vec();
         if explicit.is_empty() {
             wanted = meta_profiles(res);
+        } else if std::mem::take(&mut st.any_of) && explicit.len() > 1 {
+            // element type lists several profiles: the resource must meet one of them
+            let claimed: Vec<String> = meta_profiles(res).iter().map(|p| strip_version(p).to_string()).collect();
+            let pick = explicit
+                .iter()
+                .find(|p| claimed.iter().any(|c| c == strip_version(p)))
+                .or_else(|| explicit.iter().find(|p| self.conforms(res, p)))
+                .unwrap_or(&explicit[0]);
+            wanted = vec![pick.clone()];
         }
         for url in &wanted {
             match self.profile(url) {
@@ -564,6 +618,7 @@ impl Engine {
         if is_resource {
             let profiles: Vec<String> = e.types.iter().find(|t| t.code == tc).map(|t| t.profiles.clone()).unwrap_or_default();
             st.contained_next = e.path.ends_with(".contained");
+            st.any_of = true;
             self.validate_resource(v, path, &profiles, st);
             return;
         }
@@ -661,6 +716,11 @@ impl Engine {
         for (sys, code) in codes {
             if vs.has_code(*sys, code) {
                 return;
+            }
+            if sys.is_none() && !vs.open_systems.is_empty() {
+                // a bare code bound to a ValueSet drawn from external code systems
+                unknown_systems.push(vs.open_systems.iter().next().cloned().unwrap_or_default());
+                continue;
             }
             if let Some(s) = sys
                 && vs.open_systems.contains(*s)

@@ -10,6 +10,39 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tsunagi_fhir::Severity;
 
+/// Published examples that disagree with the profiles of the package they were
+/// published with (see docs/VALIDATION.md, "Official examples"): (folder prefix,
+/// the error texts they are allowed to produce). Every error of such a file must
+/// contain one of the texts; anything else fails the test.
+const KNOWN_DEFECTS: &[(&str, &[&str])] = &[
+    // e-prescription examples (draft 0.1.0 era) against the profiles compiled from the same
+    // FSH: usage-code system `...2.2.20` fixed vs `...2.2.20.20` used; JP Core 1.1.2
+    // extensions typed valueCoding vs valueIdentifier used (examples follow the JP Core
+    // draft); `checkQualification-DoctorLicenseExists` tests the system
+    // `practitioner_certificate_category` (underscore) while the examples use the
+    // hyphenated system; the hand-written source JSON puts single objects where arrays are
+    // required.
+    (
+        "ePrescriptionData/",
+        &[
+            "found \"urn:oid:1.2.392.200250.2.2.20.20\"",
+            "Type Identifier is not allowed",
+            "Organization.extension.value[x] is required",
+            "Slice 'medicalInstitutionCode' of Organization.identifier",
+            "checkQualification-DoctorLicenseExists",
+            "must be a JSON array",
+        ],
+    ),
+    // eCheckupReport 1.1.3 examples: JP_Patient_eCS of jp-clins 0.9.7 requires address.city/state.
+    ("packages/jp-eChekupReport.r4/", &["Patient.address.city is required", "Patient.address.state is required"]),
+    // eReferral 0.9.0-beta: extension valueIdentifier where JP Core 1.1.2 defines valueCoding.
+    ("packages/jp-eReferral-0.9.0-beta/", &["Type Identifier is not allowed"]),
+];
+
+fn known_defect(rel: &str, messages: &[&str]) -> bool {
+    KNOWN_DEFECTS.iter().any(|(prefix, texts)| rel.starts_with(prefix) && messages.iter().all(|m| texts.iter().any(|t| m.contains(t))))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {
     Valid,
@@ -70,6 +103,7 @@ fn official_examples_validate_as_documented() {
     assert!(all.len() >= 190, "expected the ~192 examples, found {}", all.len());
     let (mut ok, mut failures) = (0, Vec::new());
     let mut doubtful = Vec::new();
+    let mut defects = Vec::new();
     for f in &all {
         let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
         let expect = *status.get(&rel).unwrap_or_else(|| panic!("{rel} is not listed in the README"));
@@ -80,6 +114,9 @@ fn official_examples_validate_as_documented() {
         let errors: Vec<_> = issues.iter().filter(|i| i.severity >= Severity::Error).collect();
         match expect {
             Expect::Valid if errors.is_empty() => ok += 1,
+            Expect::Valid if known_defect(&rel, &errors.iter().map(|i| i.message.as_str()).collect::<Vec<_>>()) => {
+                defects.push(rel.clone());
+            }
             Expect::Valid => failures.push(format!(
                 "{rel}: expected valid, got {} error(s):\n{}",
                 errors.len(),
@@ -95,7 +132,12 @@ fn official_examples_validate_as_documented() {
             Expect::Doubtful => doubtful.push(format!("{rel}: {} error(s) {:?}", errors.len(), errors.iter().map(|i| &i.message).collect::<Vec<_>>())),
         }
     }
-    eprintln!("examples: {ok} as expected, {} not, {} doubtful", failures.len(), doubtful.len());
+    eprintln!(
+        "examples: {ok} as expected, {} known example defects, {} not as expected, {} doubtful",
+        defects.len(),
+        failures.len(),
+        doubtful.len()
+    );
     for d in &doubtful {
         eprintln!("doubtful: {d}");
     }
