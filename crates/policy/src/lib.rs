@@ -7,11 +7,16 @@
 //! - [`policy`]: the single policy module deciding every request (deny by default).
 //! - [`audit`]: audit records and the group-commit [`AuditSink`].
 
+pub mod client;
 pub mod identity;
 pub mod ids;
 pub mod policy;
 pub mod token;
 
+#[cfg(test)]
+mod testutil;
+
+pub use client::{OAuthError, ReplayCache, TokenResponse, exchange_client_assertion};
 pub use identity::{OrgKind, Principal, Purpose, Role, role_allowed_for};
 pub use policy::{AccessRequest, AccessRule, Decision, Denial, Operation, Permit, Policy};
 pub use token::ServerKeys;
