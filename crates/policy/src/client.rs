@@ -28,6 +28,10 @@ pub const MAX_ASSERTION_LIFETIME_SECS: i64 = 300;
 /// Smallest RSA modulus accepted, in bits.
 const MIN_RSA_BITS: usize = 2048;
 
+/// Looks up a registered organisation code: its kind and flags, None when unknown.
+/// (The registry lives in the FHIR store as Organization resources.)
+pub type OrgLookup<'a> = dyn Fn(&str) -> Option<(OrgKind, Vec<String>)> + 'a;
+
 /// Successful token response (RFC 6749 §5.1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenResponse {
@@ -211,7 +215,7 @@ pub fn exchange_client_assertion(
     token_endpoint_url: &str,
     now: DateTime<Utc>,
     replay_cache: &ReplayCache,
-    org_lookup: &dyn Fn(&str) -> Option<(OrgKind, Vec<String>)>,
+    org_lookup: &OrgLookup,
 ) -> Result<TokenResponse, OAuthError> {
     let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
     match field("grant_type") {

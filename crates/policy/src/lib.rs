@@ -7,6 +7,7 @@
 //! - [`policy`]: the single policy module deciding every request (deny by default).
 //! - [`audit`]: audit records and the group-commit [`AuditSink`].
 
+pub mod audit;
 pub mod client;
 pub mod identity;
 pub mod ids;
@@ -16,6 +17,7 @@ pub mod token;
 #[cfg(test)]
 mod testutil;
 
+pub use audit::{AuditRecord, AuditSink, Outcome};
 pub use client::{OAuthError, ReplayCache, TokenResponse, exchange_client_assertion};
 pub use identity::{OrgKind, Principal, Purpose, Role, role_allowed_for};
 pub use policy::{AccessRequest, AccessRule, Decision, Denial, Operation, Permit, Policy};
