@@ -44,6 +44,17 @@ impl Dialect {
         }
     }
 
+    /// `col` such that SQLite will not use an index for the term (unary `+`),
+    /// for planning without statistics; PostgreSQL plans from its own statistics.
+    fn noindex(self, col: &'static str) -> &'static str {
+        match (self, col) {
+            (Dialect::Sqlite, "r.rt") => "+r.rt",
+            (Dialect::Sqlite, "r.patient_id") => "+r.patient_id",
+            (Dialect::Sqlite, "r.author_org") => "+r.author_org",
+            _ => col,
+        }
+    }
+
     /// Rewrites a statement written with `$n` placeholders for this dialect.
     /// Used once per static statement at store construction.
     pub fn adapt(self, sql: &str) -> String {
@@ -211,7 +222,11 @@ fn correlated(scope: &Scope) -> bool {
 }
 
 /// Appends the scope restriction on alias `r` (always a complete boolean term).
-fn scope_sql(b: &mut B, scope: &Scope) {
+///
+/// With `noindex`, SQLite is kept from driving the query from the scope's
+/// indexes (another index — a clause or the rowid list — is far more selective).
+fn scope_sql(b: &mut B, scope: &Scope, noindex: bool) {
+    let col = |b: &B, c: &'static str| -> &'static str { if noindex { b.d.noindex(c) } else { c } };
     match scope {
         Scope::Unrestricted => {
             b.s("1 = 1");
@@ -227,17 +242,21 @@ fn scope_sql(b: &mut B, scope: &Scope) {
                 }
                 match rule {
                     ScopeRule::NonPersonal => {
-                        b.s("r.patient_id IS NULL");
+                        let c = col(b, "r.patient_id");
+                        b.s(c).s(" IS NULL");
                     }
                     ScopeRule::Patient { id, types } => {
-                        b.s("(r.patient_id = ").text(id);
+                        let c = col(b, "r.patient_id");
+                        b.s("(").s(c).s(" = ").text(id);
                         if let Some(types) = types {
-                            in_list(b, "r.rt", types);
+                            let c = col(b, "r.rt");
+                            in_list(b, c, types);
                         }
                         b.s(")");
                     }
                     ScopeRule::AuthoredBy(org) => {
-                        b.s("r.author_org = ").text(org);
+                        let c = col(b, "r.author_org");
+                        b.s(c).s(" = ").text(org);
                     }
                 }
             }
@@ -524,16 +543,14 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
             b.s(")");
         }
         Criterion::Missing(missing) => {
-            b.s("r.rid ").s(if *missing { "NOT IN (" } else { "IN (" });
+            b.s(if *missing { "NOT EXISTS (" } else { "EXISTS (" });
             for (i, t) in INDEX_TABLES.iter().enumerate() {
                 if i > 0 {
                     b.s(" UNION ALL ");
                 }
-                b.s("SELECT x.rid FROM ")
+                b.s("SELECT 1 FROM ")
                     .s(t)
-                    .s(" x WHERE x.rt = ")
-                    .text(rt)
-                    .s(" AND x.param = ")
+                    .s(" x WHERE x.rid = r.rid AND x.param = ")
                     .text(p);
             }
             b.s(")");
@@ -541,16 +558,79 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
     }
 }
 
+/// How selective a clause is likely to be as the driving index lookup, lower is
+/// better; None when it should never drive (negations, `:missing`, open ranges,
+/// substring matches: those are checked per candidate row instead).
+fn drive_rank(c: &Criterion) -> Option<u8> {
+    match c {
+        Criterion::Reference(_) => Some(0),
+        Criterion::Token { negate: false, .. } => Some(1),
+        Criterion::Uri(_) => Some(2),
+        Criterion::String {
+            mode: StringMode::Exact,
+            ..
+        } => Some(3),
+        Criterion::String {
+            mode: StringMode::StartsWith,
+            ..
+        } => Some(4),
+        Criterion::Date(ms)
+            if ms
+                .iter()
+                .all(|m| matches!(m.prefix, Prefix::Eq | Prefix::Ap)) =>
+        {
+            Some(5)
+        }
+        Criterion::Number(ms) | Criterion::Quantity(ms)
+            if ms.iter().all(|m| m.prefix == Prefix::Eq) =>
+        {
+            Some(6)
+        }
+        _ => None,
+    }
+}
+
+/// The clause evaluated as `rid IN (index lookup)` to drive the search; every
+/// other clause is a correlated `EXISTS` checked per candidate row. None when a
+/// patient scope or `_id` already narrows the candidates better, or no clause
+/// is selective: then the type (or patient) index drives, in sort order.
+///
+/// Choosing in SQL rather than leaving it to the planner keeps SQLite (which has
+/// no statistics on a fresh database) from scanning a whole type and keeps it
+/// from materialising large, unselective subqueries.
+fn driver(q: &SearchQuery, scope: &Scope) -> Option<usize> {
+    if correlated(scope)
+        || q.clauses
+            .iter()
+            .any(|c| matches!(c.criterion, Criterion::Id(_)))
+    {
+        return None;
+    }
+    q.clauses
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| drive_rank(&c.criterion).map(|r| (r, i)))
+        .min()
+        .map(|(_, i)| i)
+}
+
 /// `WHERE ...` for a search: type, not deleted, scope, clauses.
 fn search_where(b: &mut B, q: &SearchQuery, scope: &Scope) {
-    let corr = correlated(scope);
-    b.s(" WHERE r.rt = ")
+    let driver = driver(q, scope);
+    let rt = if driver.is_some() {
+        b.d.noindex("r.rt")
+    } else {
+        "r.rt"
+    };
+    b.s(" WHERE ")
+        .s(rt)
+        .s(" = ")
         .text(&q.resource_type)
         .s(" AND r.deleted = FALSE AND ");
-    scope_sql(b, scope);
-    for c in &q.clauses {
+    scope_sql(b, scope, driver.is_some());
+    for (i, c) in q.clauses.iter().enumerate() {
         b.s(" AND ");
-        clause_sql(b, &q.resource_type, c, corr);
+        clause_sql(b, &q.resource_type, c, driver != Some(i));
     }
 }
 
@@ -631,20 +711,19 @@ fn rid_list(b: &mut B, rids: &[i64]) {
     b.s(")");
 }
 
-/// Resources referenced by `rids` through `inc.param` (current, not deleted, in scope).
+/// Resources referenced by `rids` (all of type `inc.source_type`) through
+/// `inc.param` (current, not deleted, in scope).
 pub fn include(d: Dialect, inc: &Include, rids: &[i64], scope: &Scope) -> Built {
     let mut b = B::new(d);
     b.s("SELECT ")
         .s(RESOURCE_COLUMNS)
         .s(FROM_CURRENT)
         .s(" WHERE r.deleted = FALSE AND ");
-    scope_sql(&mut b, scope);
+    scope_sql(&mut b, scope, true);
+    // the rids are all of the source type; no `x.rt` term, so the (rid, param) index is the only choice
     b.s(" AND r.rid IN (SELECT c.rid FROM idx_reference x JOIN resource_current c ON c.rt = x.target_type AND c.id = x.target_id WHERE x.rid IN ");
     rid_list(&mut b, rids);
-    b.s(" AND x.rt = ")
-        .text(&inc.source_type)
-        .s(" AND x.param = ")
-        .text(&inc.param);
+    b.s(" AND x.param = ").text(&inc.param);
     if let Some(t) = &inc.target_type {
         b.s(" AND x.target_type = ").text(t);
     }
@@ -664,10 +743,9 @@ pub fn revinclude(
     b.s("SELECT ")
         .s(RESOURCE_COLUMNS)
         .s(FROM_CURRENT)
-        .s(" WHERE r.rt = ")
-        .text(&inc.source_type);
-    b.s(" AND r.deleted = FALSE AND ");
-    scope_sql(&mut b, scope);
+        .s(" WHERE r.deleted = FALSE AND ");
+    // the type is implied by `x.rt`; the reference index drives
+    scope_sql(&mut b, scope, true);
     b.s(" AND r.rid IN (SELECT x.rid FROM idx_reference x WHERE x.rt = ")
         .text(&inc.source_type);
     b.s(" AND x.param = ")
@@ -685,7 +763,7 @@ fn compartment_where(b: &mut B, patient_id: &str, scope: &Scope) {
     b.s(" OR (r.rt = 'Patient' AND r.id = ")
         .text(patient_id)
         .s(")) AND ");
-    scope_sql(b, scope);
+    scope_sql(b, scope, true);
 }
 
 /// A patient's compartment: the Patient first, then by type and id.
@@ -810,7 +888,7 @@ mod tests {
         let s = search_page(Dialect::Sqlite, &q, &Scope::Unrestricted).unwrap();
         let p = search_page(Dialect::Postgres, &q, &Scope::Unrestricted).unwrap();
         assert_eq!(s.params, p.params);
-        assert_eq!(s.sql.replace('?', "$"), p.sql);
+        assert_eq!(s.sql.replace("?", "$").replace("+r.", "r."), p.sql);
         assert!(p.sql.contains(&format!("${}", p.params.len())));
     }
 }

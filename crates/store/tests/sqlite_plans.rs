@@ -1,0 +1,155 @@
+//! Guards the SQLite query plans of the hot searches: a fresh database has no
+//! statistics, so the SQL builder steers the planner; these checks make sure it
+//! keeps doing so (an index lookup drives, no type-wide scan).
+
+use serde_json::json;
+use tsunagi_fhir::search::{Criterion, Include, RefMatch, SearchQuery, StringMode, TokenMatch};
+use tsunagi_store::sql::{self, Built, Dialect, SqlValue};
+use tsunagi_store::sqlite::SqliteStore;
+use tsunagi_store::{Scope, ScopeRule, Store};
+
+fn plan(c: &rusqlite::Connection, b: &Built) -> String {
+    let params = b.params.iter().map(|p| match p {
+        SqlValue::Text(s) => rusqlite::types::Value::Text(s.clone()),
+        SqlValue::Int(i) => rusqlite::types::Value::Integer(*i),
+        SqlValue::Real(f) => rusqlite::types::Value::Real(*f),
+    });
+    let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {}", b.sql)).unwrap();
+    let rows = st
+        .query_map(rusqlite::params_from_iter(params), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap();
+    rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("\n")
+}
+
+fn token(code: &str) -> Criterion {
+    Criterion::Token {
+        values: vec![TokenMatch {
+            system: None,
+            code: Some(code.into()),
+        }],
+        negate: false,
+    }
+}
+
+#[test]
+fn hot_searches_are_driven_by_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plans.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.create(
+        "Patient",
+        "p1",
+        json!({"resourceType": "Patient", "name": [{"family": "Yamada"}]}),
+        &Default::default(),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let d = Dialect::Sqlite;
+    let lookup = "USING INTEGER PRIMARY KEY (rowid=?)";
+    let no_scan = |p: &str| !p.contains("SCAN ") && !p.contains("resource_current_type_lu");
+
+    let by_identifier = SearchQuery::new("Patient").with("identifier", token("x"));
+    for b in [
+        sql::search_page(d, &by_identifier, &Scope::Unrestricted).unwrap(),
+        sql::search_count(d, &by_identifier, &Scope::Unrestricted),
+    ] {
+        let p = plan(&c, &b);
+        assert!(
+            p.contains(lookup) && p.contains("idx_token_value") && no_scan(&p),
+            "{p}"
+        );
+    }
+
+    let patient_and_code = SearchQuery::new("Observation")
+        .with(
+            "patient",
+            Criterion::Reference(vec![RefMatch {
+                target_type: Some("Patient".into()),
+                target_id: "p1".into(),
+            }]),
+        )
+        .with("code", token("c"))
+        .with("value-quantity", Criterion::Missing(false));
+    let p = plan(
+        &c,
+        &sql::search_page(d, &patient_and_code, &Scope::Unrestricted).unwrap(),
+    );
+    assert!(
+        p.contains(lookup)
+            && p.contains("idx_reference_value")
+            && p.contains("idx_token_rid")
+            && no_scan(&p),
+        "{p}"
+    );
+
+    let name = SearchQuery::new("Patient").with(
+        "name",
+        Criterion::String {
+            mode: StringMode::StartsWith,
+            values: vec!["yam".into()],
+        },
+    );
+    let p = plan(
+        &c,
+        &sql::search_page(
+            d,
+            &name,
+            &Scope::AnyOf(vec![
+                ScopeRule::NonPersonal,
+                ScopeRule::AuthoredBy("A".into()),
+            ]),
+        )
+        .unwrap(),
+    );
+    assert!(
+        p.contains(lookup) && p.contains("idx_string_value") && no_scan(&p),
+        "{p}"
+    );
+
+    let scoped = Scope::AnyOf(vec![ScopeRule::Patient {
+        id: "p1".into(),
+        types: None,
+    }]);
+    let p = plan(
+        &c,
+        &sql::search_page(
+            d,
+            &SearchQuery::new("Observation").with("code", token("c")),
+            &scoped,
+        )
+        .unwrap(),
+    );
+    assert!(
+        p.contains("resource_current_patient") && p.contains("idx_token_rid") && no_scan(&p),
+        "{p}"
+    );
+
+    let p = plan(
+        &c,
+        &sql::compartment_page(d, "p1", &Scope::Unrestricted, 50, 0),
+    );
+    assert!(
+        p.contains("resource_current_patient") && !p.contains("SCAN "),
+        "{p}"
+    );
+
+    let inc = Include {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        target_type: None,
+    };
+    let p = plan(&c, &sql::include(d, &inc, &[1, 2, 3], &scoped));
+    assert!(p.contains("idx_reference_rid") && no_scan(&p), "{p}");
+    let p = plan(
+        &c,
+        &sql::revinclude(d, &inc, "Patient", &["p1".to_string()], &scoped),
+    );
+    assert!(
+        p.contains(lookup) && p.contains("idx_reference_value") && no_scan(&p),
+        "{p}"
+    );
+}
