@@ -232,6 +232,43 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Builds a principal for a token to be issued (e.g. by `tsunagi token issue`),
+    /// checking that the role fits the organisation kind and that a patient names
+    /// their Patient resource. `token_id` is left empty: issuing assigns the `jti`.
+    pub fn new(
+        org: &str,
+        org_kind: OrgKind,
+        org_flags: Vec<String>,
+        role: Role,
+        user: Option<String>,
+        patient: Option<String>,
+        second_factor: bool,
+    ) -> Result<Principal, String> {
+        if !role_allowed_for(org_kind, role) {
+            return Err(format!(
+                "role {role} is not valid for an organisation of kind {org_kind}"
+            ));
+        }
+        if role == Role::Patient && (patient.is_none() || org != PATIENT_ORG) {
+            return Err(format!(
+                "a patient acts for organisation '{PATIENT_ORG}' and needs a patient id"
+            ));
+        }
+        if role != Role::Patient && patient.is_some() {
+            return Err("only role patient carries a patient id".into());
+        }
+        Ok(Principal {
+            org: org.to_string(),
+            org_kind,
+            org_flags,
+            role,
+            user,
+            patient,
+            second_factor,
+            token_id: String::new(),
+        })
+    }
+
     pub fn has_flag(&self, flag: &str) -> bool {
         self.org_flags.iter().any(|f| f == flag)
     }
@@ -298,6 +335,69 @@ mod tests {
         assert_eq!(allowed(Role::Operator), vec![K::Operator]);
         assert_eq!(allowed(Role::Ministry), vec![K::Ministry]);
         assert_eq!(allowed(Role::Patient), vec![K::Patient]);
+    }
+
+    #[test]
+    fn principal_constructor_checks() {
+        let p = Principal::new(
+            "1311234567",
+            OrgKind::Hospital,
+            vec![],
+            Role::Doctor,
+            None,
+            None,
+            true,
+        )
+        .unwrap();
+        assert!(p.second_factor && p.token_id.is_empty());
+        assert!(
+            Principal::new(
+                "x",
+                OrgKind::Pharmacy,
+                vec![],
+                Role::Doctor,
+                None,
+                None,
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            Principal::new(
+                PATIENT_ORG,
+                OrgKind::Patient,
+                vec![],
+                Role::Patient,
+                None,
+                None,
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            Principal::new(
+                PATIENT_ORG,
+                OrgKind::Patient,
+                vec![],
+                Role::Patient,
+                None,
+                Some("p1".into()),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            Principal::new(
+                "x",
+                OrgKind::Hospital,
+                vec![],
+                Role::Nurse,
+                None,
+                Some("p1".into()),
+                false
+            )
+            .is_err()
+        );
     }
 
     #[test]

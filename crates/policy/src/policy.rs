@@ -695,545 +695,102 @@ mod tests {
     use Role as R;
 
     #[test]
+    #[rustfmt::skip]
     fn non_personal_resources() {
         check(&[
             // anyone reads reference data
-            (
-                R::Patient,
-                K::Patient,
-                Read,
-                "Organization",
-                Other,
-                None,
-                true,
-            ),
-            (
-                R::Researcher,
-                K::ResearchOrganisation,
-                Search,
-                "Practitioner",
-                Other,
-                None,
-                true,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Read,
-                "Medication",
-                Other,
-                None,
-                true,
-            ),
+            (R::Patient, K::Patient, Read, "Organization", Other, None, true),
+            (R::Researcher, K::ResearchOrganisation, Search, "Practitioner", Other, None, true),
+            (R::InsurerStaff, K::Insurer, Read, "Medication", Other, None, true),
             (R::Clerk, K::Clinic, History, "Location", Other, None, true),
             // operators write anything non-personal
-            (
-                R::Operator,
-                K::Operator,
-                Create,
-                "Organization",
-                Absent,
-                None,
-                true,
-            ),
-            (
-                R::Operator,
-                K::Operator,
-                Update,
-                "CodeSystem",
-                Other,
-                None,
-                true,
-            ),
-            (
-                R::Operator,
-                K::Operator,
-                Delete,
-                "Organization",
-                Other,
-                None,
-                true,
-            ),
+            (R::Operator, K::Operator, Create, "Organization", Absent, None, true),
+            (R::Operator, K::Operator, Update, "CodeSystem", Other, None, true),
+            (R::Operator, K::Operator, Delete, "Organization", Other, None, true),
             // care staff maintain practitioners etc., but not the org registry
-            (
-                R::Doctor,
-                K::Hospital,
-                Create,
-                "Practitioner",
-                Absent,
-                None,
-                true,
-            ),
-            (
-                R::Pharmacist,
-                K::Pharmacy,
-                Update,
-                "Medication",
-                Own,
-                None,
-                true,
-            ),
+            (R::Doctor, K::Hospital, Create, "Practitioner", Absent, None, true),
+            (R::Pharmacist, K::Pharmacy, Update, "Medication", Own, None, true),
             (R::Nurse, K::Clinic, Delete, "Location", Own, None, true),
-            (
-                R::Doctor,
-                K::Hospital,
-                Update,
-                "Practitioner",
-                Other,
-                None,
-                false,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Create,
-                "Organization",
-                Absent,
-                None,
-                false,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Update,
-                "CodeSystem",
-                Own,
-                None,
-                false,
-            ),
-            (
-                R::Clerk,
-                K::Hospital,
-                Create,
-                "Practitioner",
-                Absent,
-                None,
-                false,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Create,
-                "Practitioner",
-                Absent,
-                None,
-                false,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                Create,
-                "Practitioner",
-                Absent,
-                None,
-                false,
-            ),
+            (R::Doctor, K::Hospital, Update, "Practitioner", Other, None, false),
+            (R::Doctor, K::Hospital, Create, "Organization", Absent, None, false),
+            (R::Doctor, K::Hospital, Update, "CodeSystem", Own, None, false),
+            (R::Clerk, K::Hospital, Create, "Practitioner", Absent, None, false),
+            (R::InsurerStaff, K::Insurer, Create, "Practitioner", Absent, None, false),
+            (R::Patient, K::Patient, Create, "Practitioner", Absent, None, false),
         ]);
     }
 
     #[test]
+    #[rustfmt::skip]
     fn personal_resources_clinical_staff() {
         check(&[
-            (
-                R::Doctor,
-                K::Hospital,
-                Create,
-                "Observation",
-                Absent,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Read,
-                "Observation",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Clinic,
-                Vread,
-                "Condition",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                History,
-                "Observation",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Read,
-                "Observation",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Update,
-                "Observation",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Update,
-                "Observation",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Update,
-                "Observation",
-                Absent,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Delete,
-                "Observation",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Delete,
-                "Observation",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Doctor,
-                K::Hospital,
-                Everything,
-                "Patient",
-                Other,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Dentist,
-                K::DentalClinic,
-                Create,
-                "Procedure",
-                Absent,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Pharmacist,
-                K::Pharmacy,
-                Create,
-                "MedicationDispense",
-                Absent,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Pharmacist,
-                K::Pharmacy,
-                Read,
-                "MedicationRequest",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Nurse,
-                K::Hospital,
-                Update,
-                "Patient",
-                Own,
-                Some("p1"),
-                true,
-            ),
+            (R::Doctor, K::Hospital, Create, "Observation", Absent, Some("p1"), true),
+            (R::Doctor, K::Hospital, Read, "Observation", Own, Some("p1"), true),
+            (R::Doctor, K::Clinic, Vread, "Condition", Own, Some("p1"), true),
+            (R::Doctor, K::Hospital, History, "Observation", Own, Some("p1"), true),
+            (R::Doctor, K::Hospital, Read, "Observation", Other, Some("p1"), false),
+            (R::Doctor, K::Hospital, Update, "Observation", Own, Some("p1"), true),
+            (R::Doctor, K::Hospital, Update, "Observation", Other, Some("p1"), false),
+            (R::Doctor, K::Hospital, Update, "Observation", Absent, Some("p1"), true),
+            (R::Doctor, K::Hospital, Delete, "Observation", Own, Some("p1"), true),
+            (R::Doctor, K::Hospital, Delete, "Observation", Other, Some("p1"), false),
+            (R::Doctor, K::Hospital, Everything, "Patient", Other, Some("p1"), true),
+            (R::Dentist, K::DentalClinic, Create, "Procedure", Absent, Some("p1"), true),
+            (R::Pharmacist, K::Pharmacy, Create, "MedicationDispense", Absent, Some("p1"), true),
+            (R::Pharmacist, K::Pharmacy, Read, "MedicationRequest", Other, Some("p1"), false),
+            (R::Nurse, K::Hospital, Update, "Patient", Own, Some("p1"), true),
             // type-level history of personal data is not scope-filtered: refused
-            (
-                R::Doctor,
-                K::Hospital,
-                History,
-                "Observation",
-                Absent,
-                None,
-                false,
-            ),
+            (R::Doctor, K::Hospital, History, "Observation", Absent, None, false),
         ]);
     }
 
     #[test]
+    #[rustfmt::skip]
     fn personal_resources_clerk_and_insurer() {
         check(&[
-            (
-                R::Clerk,
-                K::Hospital,
-                Create,
-                "Patient",
-                Absent,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Clerk,
-                K::Clinic,
-                Update,
-                "Coverage",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Clerk,
-                K::Pharmacy,
-                Read,
-                "Encounter",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Clerk,
-                K::Hospital,
-                Read,
-                "Appointment",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Clerk,
-                K::Hospital,
-                Read,
-                "Observation",
-                Own,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Clerk,
-                K::Hospital,
-                Create,
-                "Observation",
-                Absent,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Clerk,
-                K::Hospital,
-                Everything,
-                "Patient",
-                Own,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Create,
-                "Coverage",
-                Absent,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Read,
-                "Patient",
-                Own,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Update,
-                "Coverage",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Read,
-                "Coverage",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::InsurerStaff,
-                K::Insurer,
-                Read,
-                "Condition",
-                Own,
-                Some("p1"),
-                false,
-            ),
+            (R::Clerk, K::Hospital, Create, "Patient", Absent, Some("p1"), true),
+            (R::Clerk, K::Clinic, Update, "Coverage", Own, Some("p1"), true),
+            (R::Clerk, K::Pharmacy, Read, "Encounter", Own, Some("p1"), true),
+            (R::Clerk, K::Hospital, Read, "Appointment", Other, Some("p1"), false),
+            (R::Clerk, K::Hospital, Read, "Observation", Own, Some("p1"), false),
+            (R::Clerk, K::Hospital, Create, "Observation", Absent, Some("p1"), false),
+            (R::Clerk, K::Hospital, Everything, "Patient", Own, Some("p1"), false),
+            (R::InsurerStaff, K::Insurer, Create, "Coverage", Absent, Some("p1"), true),
+            (R::InsurerStaff, K::Insurer, Read, "Patient", Own, Some("p1"), true),
+            (R::InsurerStaff, K::Insurer, Update, "Coverage", Other, Some("p1"), false),
+            (R::InsurerStaff, K::Insurer, Read, "Coverage", Other, Some("p1"), false),
+            (R::InsurerStaff, K::Insurer, Read, "Condition", Own, Some("p1"), false),
         ]);
     }
 
     #[test]
+    #[rustfmt::skip]
     fn personal_resources_patients_and_others() {
         check(&[
-            (
-                R::Patient,
-                K::Patient,
-                Read,
-                "Observation",
-                Other,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                Everything,
-                "Patient",
-                Other,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                History,
-                "Patient",
-                Other,
-                Some("p1"),
-                true,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                Read,
-                "Observation",
-                Other,
-                Some("p2"),
-                false,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                Read,
-                "Observation",
-                Other,
-                None,
-                false,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                Update,
-                "Patient",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Patient,
-                K::Patient,
-                Create,
-                "Observation",
-                Absent,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Operator,
-                K::Operator,
-                Read,
-                "Observation",
-                Other,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Operator,
-                K::Operator,
-                Create,
-                "Patient",
-                Absent,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Researcher,
-                K::ResearchOrganisation,
-                Read,
-                "Observation",
-                Own,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Reviewer,
-                K::Operator,
-                Read,
-                "Patient",
-                Own,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::Ministry,
-                K::Ministry,
-                Read,
-                "Patient",
-                Own,
-                Some("p1"),
-                false,
-            ),
-            (
-                R::MunicipalityStaff,
-                K::Municipality,
-                Create,
-                "Patient",
-                Absent,
-                Some("p1"),
-                false,
-            ),
+            (R::Patient, K::Patient, Read, "Observation", Other, Some("p1"), true),
+            (R::Patient, K::Patient, Everything, "Patient", Other, Some("p1"), true),
+            (R::Patient, K::Patient, History, "Patient", Other, Some("p1"), true),
+            (R::Patient, K::Patient, Read, "Observation", Other, Some("p2"), false),
+            (R::Patient, K::Patient, Read, "Observation", Other, None, false),
+            (R::Patient, K::Patient, Update, "Patient", Other, Some("p1"), false),
+            (R::Patient, K::Patient, Create, "Observation", Absent, Some("p1"), false),
+            (R::Operator, K::Operator, Read, "Observation", Other, Some("p1"), false),
+            (R::Operator, K::Operator, Create, "Patient", Absent, Some("p1"), false),
+            (R::Researcher, K::ResearchOrganisation, Read, "Observation", Own, Some("p1"), false),
+            (R::Reviewer, K::Operator, Read, "Patient", Own, Some("p1"), false),
+            (R::Ministry, K::Ministry, Read, "Patient", Own, Some("p1"), false),
+            (R::MunicipalityStaff, K::Municipality, Create, "Patient", Absent, Some("p1"), false),
         ]);
     }
 
     #[test]
+    #[rustfmt::skip]
     fn system_operations() {
         check(&[
             (R::Operator, K::Operator, AuditQuery, "", Absent, None, true),
             (R::Operator, K::Operator, Admin, "", Absent, None, true),
             (R::Operator, K::Operator, Import, "", Absent, None, true),
-            (
-                R::Reviewer,
-                K::Operator,
-                AuditQuery,
-                "",
-                Absent,
-                None,
-                false,
-            ),
+            (R::Reviewer, K::Operator, AuditQuery, "", Absent, None, false),
             (R::Doctor, K::Hospital, AuditQuery, "", Absent, None, false),
             (R::Patient, K::Patient, AuditQuery, "", Absent, None, false),
             (R::Ministry, K::Ministry, Admin, "", Absent, None, false),
@@ -1406,6 +963,60 @@ mod tests {
         assert!(!is_personal("Organization"));
         assert!(!is_personal("Practitioner"));
         assert!(!is_personal("CodeSystem"));
+    }
+
+    /// Sweeps every valid role/org-kind pair, operation and purpose for invariants
+    /// the core must keep whatever the table above says.
+    #[test]
+    fn invariants_over_all_combinations() {
+        let policy = Policy::new();
+        let ops = [
+            Read, Vread, Search, History, Create, Update, Delete, Everything, AuditQuery, Import,
+            Admin,
+        ];
+        for &kind in K::ALL {
+            for &role in R::ALL {
+                if !role_allowed_for(kind, role) {
+                    continue;
+                }
+                let p = principal(kind, role);
+                for &op in &ops {
+                    for &purpose in Purpose::ALL {
+                        let base = AccessRequest::new(op, "Observation", purpose).patient("p2");
+                        let allowed_purpose = role.allowed_purposes().contains(&purpose);
+                        // another organisation's personal record of someone else
+                        let d = policy.decide(&p, &base.clone().author(OTHER));
+                        if matches!(op, Update | Delete) || !allowed_purpose {
+                            assert!(
+                                !d.is_permit(),
+                                "{role}@{kind} {op} {purpose}: {}",
+                                d.reason()
+                            );
+                        }
+                        if op.is_read() && op != Everything {
+                            assert!(
+                                !d.is_permit(),
+                                "{role}@{kind} {op} other org's record: {}",
+                                d.reason()
+                            );
+                        }
+                        // system operations: operators only
+                        if matches!(op, AuditQuery | Import | Admin) {
+                            let d = policy.decide(&p, &AccessRequest::new(op, "", purpose));
+                            assert_eq!(
+                                d.is_permit(),
+                                role == R::Operator && allowed_purpose,
+                                "{role} {op}"
+                            );
+                        }
+                        // a wrong purpose never yields a search scope
+                        if !allowed_purpose {
+                            assert!(policy.search_scope(&p, "Organization", purpose).is_err());
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A stand-in for the consent rule of a later issue: lets treating staff read
