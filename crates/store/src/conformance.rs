@@ -1714,6 +1714,26 @@ pub fn concurrent_writers(h: &dyn Harness) {
             });
         }
     });
+    // racing update-as-create of one new id: exactly one creates, none fails
+    let created: Vec<bool> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut tx = s.begin().unwrap();
+                    let body = json!({"resourceType": "Patient", "gender": "other", "multipleBirthInteger": t});
+                    let (_, created) = tx.update("Patient", "race", body, None, &ctx("A")).unwrap();
+                    tx.commit().unwrap();
+                    created
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+    assert_eq!(
+        s.read("Patient", "race").unwrap().unwrap().version,
+        THREADS as i64
+    );
     let total = THREADS as i64 * INCREMENTS;
     let cur = s.read("Patient", "c").unwrap().unwrap();
     assert_eq!(

@@ -169,7 +169,9 @@ fn check_id(id: &str) -> FhirResult<()> {
     }
 }
 
-/// Writes a new version (creating the resource when `cur` is None).
+/// Writes a new version (creating the resource when `cur` is None). `Err(body)`
+/// when a concurrent transaction created the resource first; the body comes back
+/// so the caller can retry without having cloned it.
 fn write_version<T: TxOps + ?Sized>(
     t: &mut T,
     rt: &str,
@@ -177,7 +179,7 @@ fn write_version<T: TxOps + ?Sized>(
     cur: Option<&Current>,
     resource: Option<Value>,
     ctx: &WriteContext,
-) -> FhirResult<Option<StoredResource>> {
+) -> FhirResult<Result<StoredResource, Option<Value>>> {
     let (version, last_updated) = match cur {
         Some(c) => (c.version + 1, now_ms().max(c.last_updated + 1)),
         None => (1, now_ms()),
@@ -210,7 +212,7 @@ fn write_version<T: TxOps + ?Sized>(
         }
         None => match t.insert_current(rt, id, &row)? {
             Some(rid) => rid,
-            None => return Ok(None),
+            None => return Ok(Err(body)),
         },
     };
     let text = match &body {
@@ -232,7 +234,7 @@ fn write_version<T: TxOps + ?Sized>(
     if !entries.is_empty() {
         t.insert_index(rid, rt, &entries)?;
     }
-    Ok(Some(StoredResource {
+    Ok(Ok(StoredResource {
         resource_type: rt.to_string(),
         id: id.to_string(),
         version,
@@ -255,7 +257,7 @@ pub(crate) fn create<T: TxOps + ?Sized>(
         return Err(FhirError::conflict(format!("{rt}/{id} already exists")));
     }
     write_version(t, rt, id, None, Some(resource), ctx)?
-        .ok_or_else(|| FhirError::conflict(format!("{rt}/{id} already exists")))
+        .map_err(|_| FhirError::conflict(format!("{rt}/{id} already exists")))
 }
 
 pub(crate) fn update<T: TxOps + ?Sized>(
@@ -269,6 +271,7 @@ pub(crate) fn update<T: TxOps + ?Sized>(
     check_id(id)?;
     // Two rounds at most: a concurrent creator may win the insert race, after
     // which the row exists (and is locked by `current`).
+    let mut body = Some(resource);
     for _ in 0..2 {
         let cur = t.current(rt, id)?;
         match (&cur, if_match) {
@@ -286,8 +289,9 @@ pub(crate) fn update<T: TxOps + ?Sized>(
             _ => {}
         }
         let created = cur.as_ref().is_none_or(|c| c.deleted);
-        if let Some(s) = write_version(t, rt, id, cur.as_ref(), Some(resource.clone()), ctx)? {
-            return Ok((s, created));
+        match write_version(t, rt, id, cur.as_ref(), body.take(), ctx)? {
+            Ok(s) => return Ok((s, created)),
+            Err(b) => body = b,
         }
     }
     Err(FhirError::unavailable(format!(
@@ -316,7 +320,8 @@ pub(crate) fn delete<T: TxOps + ?Sized>(
             cur.version
         )));
     }
-    write_version(t, rt, id, Some(&cur), None, ctx)
+    // the row exists (and is locked), so the write cannot lose a creation race
+    Ok(write_version(t, rt, id, Some(&cur), None, ctx)?.ok())
 }
 
 /// Runs a search: page, total (counted only when the page does not tell it), includes.

@@ -19,6 +19,9 @@ use crate::engine::{self, AuditColumns, Current, CurrentRow, Ops, Row, TxOps};
 use crate::schema;
 use crate::sql::{self, Built, Dialect, SqlValue, Statements};
 
+/// Prepared statements cached per connection (rusqlite's default of 16 is
+/// fewer than the write path alone uses).
+const STATEMENT_CACHE: usize = 256;
 /// Idle reader connections kept open.
 const MAX_IDLE_READERS: usize = 8;
 /// How long a connection waits for a lock held by another process before failing.
@@ -72,6 +75,8 @@ impl SqliteStore {
                  PRAGMA wal_autocheckpoint = 4000;"
             ))
             .map_err(db_err)?;
+        // room for every static statement plus the recent search shapes
+        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&writer)?;
         let store = SqliteStore {
             path: path.to_path_buf(),
@@ -95,6 +100,7 @@ impl SqliteStore {
              PRAGMA cache_size = -32768;"
         ))
         .map_err(db_err)?;
+        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(c)
     }
 
@@ -578,6 +584,9 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    /// Waits for the writer connection. A thread holding a transaction must not
+    /// start another (or call `audit_append`/`put_client_key`) before it ends:
+    /// that would wait on itself.
     fn begin(&self) -> FhirResult<Box<dyn Transaction + '_>> {
         let conn = self.writer();
         conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
