@@ -90,7 +90,10 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
-/// Filter for auditors' queries. All set fields must match.
+/// Filter for auditors' queries. All set fields must match. `patient`, `org`,
+/// `user` and `purpose` match the record's top-level string fields of the same
+/// names (stored as indexed columns on append); `since`/`until` bound the
+/// recorded time, both inclusive. `limit` 0 means 100.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuditFilter {
     pub patient: Option<String>,

@@ -6,7 +6,7 @@
 //! thanks to WAL mode.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -22,8 +22,9 @@ use crate::sql::{self, Built, Dialect, SqlValue, Statements};
 /// Prepared statements cached per connection (rusqlite's default of 16 is
 /// fewer than the write path alone uses).
 const STATEMENT_CACHE: usize = 256;
-/// Idle reader connections kept open.
-const MAX_IDLE_READERS: usize = 8;
+/// Reader connections at most; further readers wait for one to be returned
+/// (reads are CPU-bound, so more connections than this only add memory).
+const MAX_READERS: usize = 16;
 /// How long a connection waits for a lock held by another process before failing.
 const BUSY_TIMEOUT_MS: u32 = 10_000;
 
@@ -31,7 +32,8 @@ const BUSY_TIMEOUT_MS: u32 = 10_000;
 pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Connection>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<ReaderPool>,
+    reader_free: Condvar,
     st: Statements,
 }
 
@@ -70,7 +72,7 @@ impl SqliteStore {
         let writer = Connection::open(path).map_err(db_err)?;
         writer
             .execute_batch(&format!(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; \
+                "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                  PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536; \
                  PRAGMA wal_autocheckpoint = 4000;"
             ))
@@ -81,7 +83,11 @@ impl SqliteStore {
         let store = SqliteStore {
             path: path.to_path_buf(),
             writer: Mutex::new(writer),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(ReaderPool {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            reader_free: Condvar::new(),
             st: Statements::new(Dialect::Sqlite),
         };
         // Open one reader now so a bad path or permission fails at startup.
@@ -104,16 +110,37 @@ impl SqliteStore {
         Ok(c)
     }
 
+    /// An idle reader, a new one while fewer than [`MAX_READERS`] are open, or
+    /// the next one returned.
     fn reader(&self) -> FhirResult<Reader<'_>> {
-        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let conn = match idle {
-            Some(c) => c,
-            None => self.open_reader()?,
-        };
-        Ok(Reader {
-            store: self,
-            conn: Some(conn),
-        })
+        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(c) = pool.idle.pop() {
+                return Ok(Reader {
+                    store: self,
+                    conn: Some(c),
+                });
+            }
+            if pool.open < MAX_READERS {
+                pool.open += 1;
+                drop(pool);
+                return match self.open_reader() {
+                    Ok(c) => Ok(Reader {
+                        store: self,
+                        conn: Some(c),
+                    }),
+                    Err(e) => {
+                        self.readers.lock().unwrap_or_else(|p| p.into_inner()).open -= 1;
+                        self.reader_free.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            pool = self
+                .reader_free
+                .wait(pool)
+                .unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The writer, with any transaction a panicking holder left open rolled back.
@@ -141,6 +168,12 @@ impl SqliteStore {
     }
 }
 
+/// Reader connections: idle ones and how many exist in all.
+struct ReaderPool {
+    idle: Vec<Connection>,
+    open: usize,
+}
+
 /// A pooled reader connection; returned to the pool on drop.
 struct Reader<'a> {
     store: &'a SqliteStore,
@@ -150,10 +183,10 @@ struct Reader<'a> {
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
-            let mut idle = self.store.readers.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(c);
-            }
+            let mut pool = self.store.readers.lock().unwrap_or_else(|p| p.into_inner());
+            pool.idle.push(c);
+            drop(pool);
+            self.store.reader_free.notify_one();
         }
     }
 }
