@@ -259,8 +259,22 @@ impl Policy {
     }
 
     /// Decides a request. Deny by default.
+    /// A search is permitted exactly when [`Policy::search_scope`] yields a scope.
     pub fn decide(&self, principal: &Principal, request: &AccessRequest) -> Decision {
         let purpose = request.purpose;
+        if request.operation == Operation::Search {
+            return match self.search_scope(principal, &request.resource_type, purpose) {
+                Ok(_) => Decision::Permit(Permit {
+                    purpose,
+                    rule: "scope",
+                    reason: format!(
+                        "search of {} runs within the caller's scope",
+                        request.resource_type
+                    ),
+                }),
+                Err(d) => Decision::Deny(d),
+            };
+        }
         let mut permit: Option<Permit> = None;
         let mut hint: Option<(&'static str, String)> = None;
         for rule in &self.rules {
@@ -573,6 +587,17 @@ impl AccessRule for CoreRule {
             _ if req.resource_type.is_empty() => {
                 Verdict::NotApplicable(Some("no resource type given".into()))
             }
+            // a search is allowed when it gets a scope; the scope does the filtering
+            Operation::Search => {
+                match self.search_scope(principal, &req.resource_type, req.purpose) {
+                    ScopeGrant::Rules(_) => Verdict::Permit(format!(
+                        "search of {} runs within the caller's scope",
+                        req.resource_type
+                    )),
+                    ScopeGrant::Forbid(reason) => Verdict::Forbid(reason),
+                    ScopeGrant::None(reason) => Verdict::NotApplicable(reason),
+                }
+            }
             _ if is_personal(&req.resource_type) => Self::decide_personal(principal, req),
             _ => Self::decide_non_personal(principal, req),
         }
@@ -741,6 +766,9 @@ mod tests {
             (R::Nurse, K::Hospital, Update, "Patient", Own, Some("p1"), true),
             // type-level history of personal data is not scope-filtered: refused
             (R::Doctor, K::Hospital, History, "Observation", Absent, None, false),
+            // searches are allowed when a scope exists; the scope filters rows
+            (R::Doctor, K::Hospital, Search, "Observation", Absent, None, true),
+            (R::Nurse, K::Clinic, Search, "Patient", Absent, None, true),
         ]);
     }
 
@@ -755,6 +783,9 @@ mod tests {
             (R::Clerk, K::Hospital, Read, "Observation", Own, Some("p1"), false),
             (R::Clerk, K::Hospital, Create, "Observation", Absent, Some("p1"), false),
             (R::Clerk, K::Hospital, Everything, "Patient", Own, Some("p1"), false),
+            (R::Clerk, K::Hospital, Search, "Encounter", Absent, None, true),
+            (R::Clerk, K::Hospital, Search, "Observation", Absent, None, false),
+            (R::InsurerStaff, K::Insurer, Search, "Condition", Absent, None, false),
             (R::InsurerStaff, K::Insurer, Create, "Coverage", Absent, Some("p1"), true),
             (R::InsurerStaff, K::Insurer, Read, "Patient", Own, Some("p1"), true),
             (R::InsurerStaff, K::Insurer, Update, "Coverage", Other, Some("p1"), false),
@@ -774,7 +805,10 @@ mod tests {
             (R::Patient, K::Patient, Read, "Observation", Other, None, false),
             (R::Patient, K::Patient, Update, "Patient", Other, Some("p1"), false),
             (R::Patient, K::Patient, Create, "Observation", Absent, Some("p1"), false),
+            (R::Patient, K::Patient, Search, "Observation", Absent, None, true),
             (R::Operator, K::Operator, Read, "Observation", Other, Some("p1"), false),
+            (R::Operator, K::Operator, Search, "Observation", Absent, None, false),
+            (R::Researcher, K::ResearchOrganisation, Search, "Patient", Absent, None, false),
             (R::Operator, K::Operator, Create, "Patient", Absent, Some("p1"), false),
             (R::Researcher, K::ResearchOrganisation, Read, "Observation", Own, Some("p1"), false),
             (R::Reviewer, K::Operator, Read, "Patient", Own, Some("p1"), false),
@@ -993,7 +1027,7 @@ mod tests {
                                 d.reason()
                             );
                         }
-                        if op.is_read() && op != Everything {
+                        if matches!(op, Read | Vread | History) {
                             assert!(
                                 !d.is_permit(),
                                 "{role}@{kind} {op} other org's record: {}",
@@ -1089,6 +1123,25 @@ mod tests {
             &AccessRequest::new(Read, "Observation", Purpose::Research).patient("p1"),
         );
         assert!(!d.is_permit());
+        // a rule granting only a search scope makes the search permitted
+        let clerk = principal(K::Hospital, R::Clerk);
+        let with_all = Policy::new().with_rule(Arc::new(PermitAll));
+        assert!(
+            !Policy::new()
+                .decide(
+                    &clerk,
+                    &AccessRequest::new(Search, "Observation", Purpose::Treatment)
+                )
+                .is_permit()
+        );
+        assert!(
+            with_all
+                .decide(
+                    &clerk,
+                    &AccessRequest::new(Search, "Observation", Purpose::Treatment)
+                )
+                .is_permit()
+        );
         // searches get the union of scopes
         assert_eq!(
             policy.search_scope(&doctor, "Observation", Purpose::Treatment),
