@@ -28,15 +28,6 @@ pub trait Harness {
     fn raw_execute(&self, sql: &str) -> FhirResult<()>;
 }
 
-impl Harness for crate::sqlite::SqliteStore {
-    fn store(&self) -> &dyn Store {
-        self
-    }
-    fn raw_execute(&self, sql: &str) -> FhirResult<()> {
-        crate::sqlite::SqliteStore::raw_execute(self, sql)
-    }
-}
-
 /// Expands to one `#[test]` per conformance case. `$make` is a path to
 /// `fn() -> Option<Box<dyn Harness>>`; None skips the case.
 #[macro_export]

@@ -91,10 +91,8 @@ pub(crate) fn ms_to_dt(ms: i64) -> FhirResult<DateTime<Utc>> {
         .ok_or_else(|| FhirError::internal("stored timestamp out of range"))
 }
 
-/// FHIR instant with millisecond precision in UTC.
-pub fn format_instant(dt: &DateTime<Utc>) -> String {
-    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
+/// FHIR instant with millisecond precision in UTC (`2026-11-21T10:00:00.123Z`).
+pub use tsunagi_fhir::datetime::format_instant;
 
 pub(crate) fn parse_body(body: Option<String>) -> FhirResult<Option<Value>> {
     match body {

@@ -779,3 +779,12 @@ impl Store for SqliteStore {
         Ok(db.max(0) as u64 + wal)
     }
 }
+
+impl crate::conformance::Harness for SqliteStore {
+    fn store(&self) -> &dyn Store {
+        self
+    }
+    fn raw_execute(&self, sql: &str) -> FhirResult<()> {
+        SqliteStore::raw_execute(self, sql)
+    }
+}
