@@ -48,7 +48,32 @@ pub struct Engine {
     pub conf: Conformance,
     profiles: RwLock<HashMap<String, Option<Arc<Profile>>>>,
     value_sets: RwLock<HashMap<String, Arc<VsCodes>>>,
+    code_systems: RwLock<HashMap<String, Option<Arc<Value>>>>,
+    slice_index: RwLock<HashMap<(usize, usize), Option<Arc<SliceIndex>>>>,
     pub codes: Option<Arc<dyn CodeSource>>,
+}
+
+/// Fast slice lookup for slicings whose discriminators are all fixed primitive
+/// values: discriminator values (joined) -> slice positions.
+pub struct SliceIndex {
+    paths: Vec<String>,
+    map: HashMap<String, usize>,
+}
+
+fn slice_key(v: &Value, paths: &[String]) -> Option<String> {
+    let mut key = String::new();
+    for p in paths {
+        let vals = json_path(v, p);
+        let [one] = vals.as_slice() else { return None };
+        match one {
+            Value::String(s) if p == "url" => key.push_str(strip_version(s)),
+            Value::String(s) => key.push_str(s),
+            Value::Bool(_) | Value::Number(_) => key.push_str(&one.to_string()),
+            _ => return None,
+        }
+        key.push('\u{1}');
+    }
+    Some(key)
 }
 
 pub(crate) struct St<'a> {
@@ -144,7 +169,14 @@ fn meta_profiles(res: &Value) -> Vec<String> {
 
 impl Engine {
     pub fn new(conf: Conformance) -> Self {
-        Engine { conf, profiles: RwLock::new(HashMap::new()), value_sets: RwLock::new(HashMap::new()), codes: None }
+        Engine {
+            conf,
+            profiles: RwLock::new(HashMap::new()),
+            value_sets: RwLock::new(HashMap::new()),
+            code_systems: RwLock::new(HashMap::new()),
+            slice_index: RwLock::new(HashMap::new()),
+            codes: None,
+        }
     }
 
     /// The compiled profile for a canonical (`url` or `url|version`).
@@ -152,9 +184,18 @@ impl Engine {
         if let Some(p) = self.profiles.read().unwrap_or_else(|e| e.into_inner()).get(url) {
             return p.clone();
         }
-        let compiled = self.conf.structure_definition(url).and_then(|sd| Profile::compile(sd)).map(Arc::new);
+        let compiled = self.conf.structure_definition(url).and_then(|sd| Profile::compile(&sd)).map(Arc::new);
         self.profiles.write().unwrap_or_else(|e| e.into_inner()).insert(url.to_string(), compiled.clone());
         compiled
+    }
+
+    fn code_system(&self, url: &str) -> Option<Arc<Value>> {
+        if let Some(c) = self.code_systems.read().unwrap_or_else(|e| e.into_inner()).get(url) {
+            return c.clone();
+        }
+        let c = self.conf.code_system(url).map(Arc::new);
+        self.code_systems.write().unwrap_or_else(|e| e.into_inner()).insert(url.to_string(), c.clone());
+        c
     }
 
     fn type_profile(&self, code: &str) -> Option<Arc<Profile>> {
@@ -223,7 +264,7 @@ impl Engine {
                 }
                 continue;
             }
-            match self.conf.code_system(system) {
+            match self.code_system(system) {
                 Some(cs) if cs.get("content").and_then(Value::as_str).is_none_or(|c| c == "complete")
                     && cs.get("concept").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) =>
                 {
@@ -257,7 +298,7 @@ impl Engine {
         if op != "is-a" && op != "descendent-of" {
             return false;
         }
-        let Some(cs) = self.conf.code_system(system) else { return false };
+        let Some(cs) = self.code_system(system) else { return false };
         fn find<'v>(a: &'v [Value], code: &str) -> Option<&'v Value> {
             for c in a {
                 if c.get("code").and_then(Value::as_str) == Some(code) {
@@ -802,10 +843,16 @@ impl Engine {
         let mut counts = vec![0u64; slices.len()];
         let mut undetermined = 0u64;
         let closed = c.slicing.as_ref().is_some_and(|s| s.closed);
+        let index = self.slice_index(prof, ci);
         for (v, tc, p) in items {
             let mut chosen = None;
             let mut unknown = false;
-            for (si, &s) in slices.iter().enumerate() {
+            if let Some(ix) = &index
+                && let Some(k) = slice_key(v, &ix.paths)
+            {
+                chosen = ix.map.get(&k).map(|&pos| (pos, slices[pos]));
+            } else {
+                for (si, &s) in slices.iter().enumerate() {
                 match self.slice_matches(prof, ci, s, v, &tc, st) {
                     Some(true) => {
                         chosen = Some((si, s));
@@ -813,6 +860,7 @@ impl Engine {
                     }
                     Some(false) => {}
                     None => unknown = true,
+                }
                 }
             }
             match chosen {
@@ -858,16 +906,58 @@ impl Engine {
         }
     }
 
+    fn slice_index(&self, prof: &Arc<Profile>, ci: usize) -> Option<Arc<SliceIndex>> {
+        let key = (Arc::as_ptr(prof) as usize, ci);
+        if let Some(x) = self.slice_index.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return x.clone();
+        }
+        let built = self.build_slice_index(prof, ci).map(Arc::new);
+        self.slice_index.write().unwrap_or_else(|e| e.into_inner()).insert(key, built.clone());
+        built
+    }
+
+    fn build_slice_index(&self, prof: &Arc<Profile>, ci: usize) -> Option<SliceIndex> {
+        let c = &prof.elems[ci];
+        let discs = &c.slicing.as_ref()?.discriminators;
+        if discs.is_empty() || discs.iter().any(|d| d.kind != "value" && d.kind != "pattern") {
+            return None;
+        }
+        let mut map = HashMap::new();
+        for (pos, &s) in c.slices.iter().enumerate() {
+            let se = &prof.elems[s];
+            let mut key = String::new();
+            for d in discs {
+                let expected: Value = if d.path == "url"
+                    && let Some(pu) = se.types.iter().find(|t| t.code == "Extension").and_then(|t| t.profiles.first())
+                {
+                    Value::String(strip_version(pu).to_string())
+                } else {
+                    let (p, i) = self.elem_at(prof, s, &d.path)?;
+                    let el = &p.elems[i];
+                    el.fixed.clone().or_else(|| el.pattern.clone())?
+                };
+                match &expected {
+                    Value::String(x) => key.push_str(x),
+                    Value::Bool(_) | Value::Number(_) => key.push_str(&expected.to_string()),
+                    _ => return None,
+                }
+                key.push('\u{1}');
+            }
+            map.entry(key).or_insert(pos);
+        }
+        Some(SliceIndex { paths: discs.iter().map(|d| d.path.clone()).collect(), map })
+    }
+
     /// Does `v` belong to slice `s`? `None` when it cannot be decided.
     fn slice_matches<'a>(&self, prof: &Arc<Profile>, ci: usize, s: usize, v: &'a Value, tc: &str, st: &St<'a>) -> Option<bool> {
         let c = &prof.elems[ci];
         let se = &prof.elems[s];
-        let discs = c.slicing.as_ref().map(|x| x.discriminators.clone()).unwrap_or_default();
+        let discs: &[crate::structure::Discriminator] = c.slicing.as_ref().map(|x| x.discriminators.as_slice()).unwrap_or(&[]);
         if discs.is_empty() {
             // no discriminator: the item belongs to the slice if it conforms
             return Some(self.conforms_to_elem(prof, s, v, tc));
         }
-        for d in &discs {
+        for d in discs {
             let ok = match d.kind.as_str() {
                 "value" | "pattern" => self.disc_value(prof, s, v, &d.path)?,
                 "type" => {

@@ -574,6 +574,25 @@ impl<'a> Item<'a> {
     }
 }
 
+/// Hash key of an item for duplicate elimination: primitives by value, nodes
+/// by identity (deep-equal distinct nodes are then kept twice).
+fn item_key(i: &Item) -> String {
+    if let Item::Node(v @ (Value::Object(_) | Value::Array(_)), _) = i {
+        return format!("n{:p}", *v);
+    }
+    match (i.as_str(), i.as_num(), i.as_bool()) {
+        (Some(s), _, _) => format!("s{s}"),
+        (_, Some(n), _) => format!("d{n}"),
+        (_, _, Some(b)) => format!("b{b}"),
+        _ => String::new(),
+    }
+}
+
+fn union<'a>(items: impl Iterator<Item = Item<'a>>) -> Vec<Item<'a>> {
+    let mut seen = std::collections::HashSet::new();
+    items.filter(|x| seen.insert(item_key(x))).collect()
+}
+
 fn items_equal(a: &Item, b: &Item) -> bool {
     if let (Some(x), Some(y)) = (a.as_str(), b.as_str()) {
         return x == y;
@@ -925,15 +944,7 @@ fn bin<'a>(op: &str, a: &Expr, b: &Expr, ctx: &Ctx<'a>, focus: &[Item<'a>], d: u
     let l = eval(a, ctx, focus, d)?;
     let r = eval(b, ctx, focus, d)?;
     Ok(match op {
-        "|" => {
-            let mut out: Vec<Item> = Vec::new();
-            for x in l.into_iter().chain(r) {
-                if !out.iter().any(|y| items_equal(y, &x)) {
-                    out.push(x);
-                }
-            }
-            out
-        }
+        "|" => union(l.into_iter().chain(r)),
         "=" | "!=" | "~" | "!~" => {
             if l.is_empty() || r.is_empty() {
                 if op.starts_with('~') || op == "!~" {
@@ -1243,15 +1254,7 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
             }
             b(ok)
         }
-        "distinct" => {
-            let mut out: Vec<Item> = Vec::new();
-            for x in base {
-                if !out.iter().any(|y| items_equal(y, &x)) {
-                    out.push(x);
-                }
-            }
-            out
-        }
+        "distinct" => union(base.into_iter()),
         "intersect" | "exclude" | "union" | "combine" | "subsetOf" | "supersetOf" => {
             let other = arg(args, 0, ctx, focus, d)?;
             match name {
@@ -1268,15 +1271,7 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
                 "subsetOf" => b(base.iter().all(|x| other.iter().any(|y| items_equal(y, x)))),
                 "supersetOf" => b(other.iter().all(|x| base.iter().any(|y| items_equal(y, x)))),
                 "combine" => base.into_iter().chain(other).collect(),
-                _ => {
-                    let mut out: Vec<Item> = Vec::new();
-                    for x in base.into_iter().chain(other) {
-                        if !out.iter().any(|y| items_equal(y, &x)) {
-                            out.push(x);
-                        }
-                    }
-                    out
-                }
+                _ => union(base.into_iter().chain(other)),
             }
         }
         "iif" => {

@@ -33,12 +33,37 @@ pub struct PackageInfo {
     pub resources: usize,
 }
 
+/// A conformance resource kept as its JSON text (parsed on demand: a parsed
+/// `serde_json::Value` of the R4 core takes several hundred MB, the text a tenth).
+pub(crate) struct Raw {
+    bytes: Box<[u8]>,
+    date: String,
+}
+
+impl Raw {
+    pub(crate) fn parse(&self) -> Option<Value> {
+        serde_json::from_slice(&self.bytes).ok()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(rename = "resourceType", default)]
+    resource_type: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    date: Option<String>,
+}
+
 /// The conformance resources of all loaded packages.
 #[derive(Default)]
 pub struct Conformance {
-    pub(crate) sds: HashMap<String, Arc<Value>>,
-    pub(crate) value_sets: HashMap<String, Arc<Value>>,
-    pub(crate) code_systems: HashMap<String, Arc<Value>>,
+    pub(crate) sds: HashMap<String, Arc<Raw>>,
+    pub(crate) value_sets: HashMap<String, Arc<Raw>>,
+    pub(crate) code_systems: HashMap<String, Arc<Raw>>,
     pub packages: Vec<PackageInfo>,
     /// Decisions taken while loading (differing duplicates).
     pub notes: Vec<String>,
@@ -69,40 +94,40 @@ impl Conformance {
 
     /// Adds one resource; returns true if it was a conformance resource kept.
     pub fn add_resource(&mut self, v: Value) -> bool {
-        let rt = v.get("resourceType").and_then(Value::as_str).unwrap_or("").to_string();
-        let Some(url) = v.get("url").and_then(Value::as_str).map(str::to_string) else { return false };
-        let version = v.get("version").and_then(Value::as_str).map(str::to_string);
+        match serde_json::to_vec(&v) {
+            Ok(b) => self.add_bytes(&b),
+            Err(_) => false,
+        }
+    }
+
+    /// Adds one resource given as JSON text.
+    pub fn add_bytes(&mut self, bytes: &[u8]) -> bool {
+        let Ok(h) = serde_json::from_slice::<Head>(bytes) else { return false };
+        let Some(url) = h.url else { return false };
+        let rt = h.resource_type;
         let map = match rt.as_str() {
             "StructureDefinition" => &mut self.sds,
             "ValueSet" => &mut self.value_sets,
             "CodeSystem" => &mut self.code_systems,
             _ => return false,
         };
-        let v = Arc::new(v);
+        let raw = Arc::new(Raw { bytes: bytes.to_vec().into_boxed_slice(), date: h.date.unwrap_or_default() });
         let replace = match map.get(&url) {
             None => true,
-            Some(old) if **old == *v => false,
-            Some(old) => {
-                let od = old.get("date").and_then(Value::as_str).unwrap_or("");
-                let nd = v.get("date").and_then(Value::as_str).unwrap_or("");
-                let newer = nd > od;
-                let _ = newer;
-                newer
-            }
+            Some(old) if old.bytes == raw.bytes => false,
+            Some(old) => raw.date > old.date,
         };
         if let Some(old) = map.get(&url)
-            && **old != *v
+            && old.bytes != raw.bytes
         {
-            self.notes.push(format!(
-                "{rt} {url}: differing copies in several packages; using the one dated {}",
-                if replace { v.get("date").and_then(Value::as_str).unwrap_or("?") } else { old.get("date").and_then(Value::as_str).unwrap_or("?") }
-            ));
+            let used = if replace { &raw.date } else { &old.date };
+            self.notes.push(format!("{rt} {url}: differing copies in several packages; using the one dated {used}"));
         }
-        if let Some(ver) = &version {
-            map.entry(format!("{url}|{ver}")).or_insert_with(|| v.clone());
+        if let Some(ver) = &h.version {
+            map.entry(format!("{url}|{ver}")).or_insert_with(|| raw.clone());
         }
         if replace {
-            map.insert(url, v);
+            map.insert(url, raw);
         }
         true
     }
@@ -156,16 +181,12 @@ impl Conformance {
             }
             buf.clear();
             entry.read_to_end(&mut buf).map_err(io)?;
-            let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
-                if is_manifest {
-                    return Err(PackageError::Format { path: path.to_path_buf(), msg: "package/package.json is not JSON".into() });
-                }
-                continue;
-            };
             if is_manifest {
+                let v: Value = serde_json::from_slice(&buf)
+                    .map_err(|_| PackageError::Format { path: path.to_path_buf(), msg: "package/package.json is not JSON".into() })?;
                 info.name = v.get("name").and_then(Value::as_str).unwrap_or("").to_string();
                 info.version = v.get("version").and_then(Value::as_str).unwrap_or("").to_string();
-            } else if self.add_resource(v) {
+            } else if self.add_bytes(&buf) {
                 info.resources += 1;
             }
         }
@@ -195,9 +216,7 @@ impl Conformance {
                 continue;
             }
             let b = std::fs::read(&p).map_err(io)?;
-            if let Ok(v) = serde_json::from_slice::<Value>(&b)
-                && self.add_resource(v)
-            {
+            if self.add_bytes(&b) {
                 info.resources += 1;
             }
         }
@@ -231,13 +250,20 @@ impl Conformance {
         c
     }
 
-    pub fn structure_definition(&self, url: &str) -> Option<&Arc<Value>> {
-        self.sds.get(url).or_else(|| self.sds.get(url.split('|').next().unwrap_or(url)))
+    fn get(map: &HashMap<String, Arc<Raw>>, url: &str) -> Option<Value> {
+        map.get(url).or_else(|| map.get(url.split('|').next().unwrap_or(url))).and_then(|r| r.parse())
     }
-    pub fn value_set(&self, url: &str) -> Option<&Arc<Value>> {
-        self.value_sets.get(url).or_else(|| self.value_sets.get(url.split('|').next().unwrap_or(url)))
+    /// A StructureDefinition by canonical (`url` or `url|version`), parsed.
+    pub fn structure_definition(&self, url: &str) -> Option<Value> {
+        Self::get(&self.sds, url)
     }
-    pub fn code_system(&self, url: &str) -> Option<&Arc<Value>> {
-        self.code_systems.get(url).or_else(|| self.code_systems.get(url.split('|').next().unwrap_or(url)))
+    pub fn value_set(&self, url: &str) -> Option<Value> {
+        Self::get(&self.value_sets, url)
+    }
+    pub fn code_system(&self, url: &str) -> Option<Value> {
+        Self::get(&self.code_systems, url)
+    }
+    pub fn has_code_system(&self, url: &str) -> bool {
+        self.code_systems.contains_key(url)
     }
 }

@@ -112,6 +112,11 @@ fn official_examples_validate_as_documented() {
         let v = common::validator_for(&common::package_set_for(folder));
         let issues = v.validate(&res, None);
         let errors: Vec<_> = issues.iter().filter(|i| i.severity >= Severity::Error).collect();
+        if std::env::var_os("TSUNAGI_SHOW_WARNINGS").is_some() {
+            for i in issues.iter().filter(|i| i.severity < Severity::Error) {
+                eprintln!("W {rel}: {} {}: {}", i.code, i.expression.as_deref().unwrap_or("-"), i.message);
+            }
+        }
         match expect {
             Expect::Valid if errors.is_empty() => ok += 1,
             Expect::Valid if known_defect(&rel, &errors.iter().map(|i| i.message.as_str()).collect::<Vec<_>>()) => {
