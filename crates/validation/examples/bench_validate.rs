@@ -15,7 +15,11 @@ use tsunagi_validation::Validator;
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -53,13 +57,24 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let v = Validator::from_paths(&packages, term)?;
-    println!("package load: {:.2} s ({} packages), peak RSS {:.0} MB", t.elapsed().as_secs_f64(), v.packages().len(), peak_rss_mb());
+    println!(
+        "package load: {:.2} s ({} packages), peak RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        v.packages().len(),
+        peak_rss_mb()
+    );
 
     if let Some(dir) = examples {
         let mut fs = Vec::new();
         files(&dir, &mut fs);
-        let docs: Vec<Value> = fs.iter().filter_map(|f| serde_json::from_slice(&std::fs::read(f).ok()?).ok()).collect();
-        let _ = docs.iter().map(|d| v.validate(d, None).len()).sum::<usize>(); // warm caches
+        let docs: Vec<Value> = fs
+            .iter()
+            .filter_map(|f| serde_json::from_slice(&std::fs::read(f).ok()?).ok())
+            .collect();
+        let _ = docs
+            .iter()
+            .map(|d| v.validate(d, None).len())
+            .sum::<usize>(); // warm caches
         let t = Instant::now();
         let mut n = 0usize;
         for _ in 0..loops {
@@ -69,16 +84,26 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let s = t.elapsed().as_secs_f64();
-        println!("official examples: {} files x {loops} loops = {n} validations in {s:.2} s = {:.0} /s, peak RSS {:.0} MB", docs.len(), n as f64 / s, peak_rss_mb());
+        println!(
+            "official examples: {} files x {loops} loops = {n} validations in {s:.2} s = {:.0} /s, peak RSS {:.0} MB",
+            docs.len(),
+            n as f64 / s,
+            peak_rss_mb()
+        );
     }
     if let Some(file) = ndjson {
-        let text = std::fs::read_to_string(&file)?;
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(std::fs::File::open(&file)?);
         let t = Instant::now();
         let (mut n, mut errs, mut nobs) = (0usize, 0usize, 0usize);
         let mut obs_time = 0.0;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        for line in reader.lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
             let t1 = Instant::now();
-            let r: Value = serde_json::from_str(line)?;
+            let r: Value = serde_json::from_str(&line)?;
             let issues = v.validate(&r, None);
             if r.get("resourceType").and_then(Value::as_str) == Some("Observation") {
                 nobs += 1;

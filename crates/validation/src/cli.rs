@@ -51,24 +51,40 @@ pub fn run_validate(args: ValidateArgs) -> anyhow::Result<i32> {
     let mut any_error = false;
     let profile = args.profile.as_deref();
     for file in &args.files {
-        let ndjson = file.extension().is_some_and(|e| e == "ndjson" || e == "jsonl");
+        let ndjson = file
+            .extension()
+            .is_some_and(|e| e == "ndjson" || e == "jsonl");
         if !ndjson {
-            let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let issues = match serde_json::from_str::<Value>(&text) {
                 Ok(v) => validator.validate(&v, profile),
-                Err(e) => vec![tsunagi_fhir::Issue::error("structure", None, format!("{}: not valid JSON: {e}", file.display()))],
+                Err(e) => vec![tsunagi_fhir::Issue::error(
+                    "structure",
+                    None,
+                    format!("{}: not valid JSON: {e}", file.display()),
+                )],
             };
             any_error |= has_errors(&issues);
             let mut oo = tsunagi_fhir::operation_outcome(&issues);
-            oo["id"] = json!(file.display().to_string().replace(|c: char| !c.is_ascii_alphanumeric(), "-").chars().take(64).collect::<String>());
+            oo["id"] = json!(
+                file.display()
+                    .to_string()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+                    .chars()
+                    .take(64)
+                    .collect::<String>()
+            );
             println!("{}", serde_json::to_string_pretty(&oo)?);
             continue;
         }
         let size = std::fs::metadata(file)?.len();
         let pb = indicatif::ProgressBar::new(size);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({per_sec})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_message(file.display().to_string());
         let reader = BufReader::new(std::fs::File::open(file)?);
@@ -82,7 +98,11 @@ pub fn run_validate(args: ValidateArgs) -> anyhow::Result<i32> {
             n += 1;
             let issues = match serde_json::from_str::<Value>(&line) {
                 Ok(v) => validator.validate(&v, profile),
-                Err(e) => vec![tsunagi_fhir::Issue::error("structure", None, format!("line {}: not valid JSON: {e}", i + 1))],
+                Err(e) => vec![tsunagi_fhir::Issue::error(
+                    "structure",
+                    None,
+                    format!("line {}: not valid JSON: {e}", i + 1),
+                )],
             };
             if has_errors(&issues) {
                 nerr += 1;
@@ -96,7 +116,10 @@ pub fn run_validate(args: ValidateArgs) -> anyhow::Result<i32> {
             }
         }
         pb.finish_and_clear();
-        eprintln!("{}: {n} resources, {nerr} with errors, {nissues} issues", file.display());
+        eprintln!(
+            "{}: {n} resources, {nerr} with errors, {nissues} issues",
+            file.display()
+        );
     }
     Ok(if any_error { 1 } else { 0 })
 }
@@ -127,13 +150,25 @@ pub fn run_packages(args: PackagesArgs) -> anyhow::Result<i32> {
     match args.command {
         PackagesCommand::Install { path, data_dir } => {
             let info = install_package(&path, &data_dir)?;
-            println!("installed {} {} ({} conformance resources) into {}", info.name, info.version, info.resources, crate::packages_dir(&data_dir).display());
+            println!(
+                "installed {} {} ({} conformance resources) into {}",
+                info.name,
+                info.version,
+                info.resources,
+                crate::packages_dir(&data_dir).display()
+            );
             Ok(0)
         }
         PackagesCommand::List { data_dir } => {
             let v = Validator::load(&data_dir)?;
             for p in v.packages() {
-                println!("{}\t{}\t{} resources\t{}", p.name, p.version, p.resources, p.source.display());
+                println!(
+                    "{}\t{}\t{} resources\t{}",
+                    p.name,
+                    p.version,
+                    p.resources,
+                    p.source.display()
+                );
             }
             for n in v.load_notes() {
                 eprintln!("note: {n}");

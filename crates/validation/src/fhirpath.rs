@@ -22,12 +22,57 @@ use serde_json::Value;
 
 /// Functions the evaluator implements.
 pub const SUPPORTED_FUNCTIONS: &[&str] = &[
-    "where", "select", "all", "exists", "empty", "not", "count", "first", "last", "tail", "skip",
-    "take", "single", "ofType", "as", "is", "indexOf", "substring", "startsWith", "endsWith",
-    "contains", "matches", "length", "upper", "lower", "hasValue", "children", "descendants",
-    "extension", "trace", "isDistinct", "distinct", "intersect", "union", "exclude", "iif",
-    "htmlChecks", "toString", "allTrue", "anyTrue", "allFalse", "anyFalse", "combine",
-    "subsetOf", "supersetOf", "replace", "trim", "toInteger", "toDecimal", "today", "now",
+    "where",
+    "select",
+    "all",
+    "exists",
+    "empty",
+    "not",
+    "count",
+    "first",
+    "last",
+    "tail",
+    "skip",
+    "take",
+    "single",
+    "ofType",
+    "as",
+    "is",
+    "indexOf",
+    "substring",
+    "startsWith",
+    "endsWith",
+    "contains",
+    "matches",
+    "length",
+    "upper",
+    "lower",
+    "hasValue",
+    "children",
+    "descendants",
+    "extension",
+    "trace",
+    "isDistinct",
+    "distinct",
+    "intersect",
+    "union",
+    "exclude",
+    "iif",
+    "htmlChecks",
+    "toString",
+    "allTrue",
+    "anyTrue",
+    "allFalse",
+    "anyFalse",
+    "combine",
+    "subsetOf",
+    "supersetOf",
+    "replace",
+    "trim",
+    "toInteger",
+    "toDecimal",
+    "today",
+    "now",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,8 +102,8 @@ enum Tok {
     Str(String),
     Int(i64),
     Dec(f64),
-    Var(String),  // %resource
-    Ext(String),  // $this
+    Var(String), // %resource
+    Ext(String), // $this
     Op(&'static str),
 }
 
@@ -83,13 +128,17 @@ fn lex(s: &str) -> R<Vec<Tok>> {
             i += 1;
             let mut v = String::new();
             loop {
-                let Some(&d) = c.get(i) else { return Err(FpError::Invalid("unterminated string".into())) };
+                let Some(&d) = c.get(i) else {
+                    return Err(FpError::Invalid("unterminated string".into()));
+                };
                 i += 1;
                 if d == q {
                     break;
                 }
                 if d == '\\' {
-                    let Some(&e) = c.get(i) else { return Err(FpError::Invalid("bad escape".into())) };
+                    let Some(&e) = c.get(i) else {
+                        return Err(FpError::Invalid("bad escape".into()));
+                    };
                     i += 1;
                     match e {
                         'n' => v.push('\n'),
@@ -99,7 +148,8 @@ fn lex(s: &str) -> R<Vec<Tok>> {
                         'u' => {
                             let hex: String = c.iter().skip(i).take(4).collect();
                             i += 4;
-                            let n = u32::from_str_radix(&hex, 16).map_err(|_| FpError::Invalid("bad \\u escape".into()))?;
+                            let n = u32::from_str_radix(&hex, 16)
+                                .map_err(|_| FpError::Invalid("bad \\u escape".into()))?;
                             v.push(char::from_u32(n).unwrap_or('\u{fffd}'));
                         }
                         other => v.push(other),
@@ -122,10 +172,16 @@ fn lex(s: &str) -> R<Vec<Tok>> {
                     i += 1;
                 }
                 let t: String = c[st..i].iter().collect();
-                out.push(Tok::Dec(t.parse().map_err(|_| FpError::Invalid("bad number".into()))?));
+                out.push(Tok::Dec(
+                    t.parse()
+                        .map_err(|_| FpError::Invalid("bad number".into()))?,
+                ));
             } else {
                 let t: String = c[st..i].iter().collect();
-                out.push(Tok::Int(t.parse().map_err(|_| FpError::Invalid("bad number".into()))?));
+                out.push(Tok::Int(
+                    t.parse()
+                        .map_err(|_| FpError::Invalid("bad number".into()))?,
+                ));
             }
             continue;
         }
@@ -281,7 +337,9 @@ impl Parser {
         loop {
             let op = if self.peek_word("in") {
                 "in"
-            } else if self.peek_word("contains") && !matches!(self.t.get(self.p + 1), Some(Tok::Op("("))) {
+            } else if self.peek_word("contains")
+                && !matches!(self.t.get(self.p + 1), Some(Tok::Op("(")))
+            {
                 "contains"
             } else {
                 break;
@@ -494,7 +552,10 @@ pub fn parse(src: &str) -> R<Expr> {
     let mut p = Parser { t, p: 0, depth: 0 };
     let e = p.expr()?;
     if p.p != p.t.len() {
-        return Err(FpError::Invalid(format!("unexpected token after position {}", p.p)));
+        return Err(FpError::Invalid(format!(
+            "unexpected token after position {}",
+            p.p
+        )));
     }
     check_functions(&e)?;
     Ok(e)
@@ -568,7 +629,9 @@ impl<'a> Item<'a> {
             Item::Node(v, _) => (*v).clone(),
             Item::Bool(b) => Value::Bool(*b),
             Item::Int(i) => Value::from(*i),
-            Item::Dec(d) => serde_json::Number::from_f64(*d).map(Value::Number).unwrap_or(Value::Null),
+            Item::Dec(d) => serde_json::Number::from_f64(*d)
+                .map(Value::Number)
+                .unwrap_or(Value::Null),
             Item::Str(s) => Value::String(s.clone()),
         }
     }
@@ -637,7 +700,9 @@ fn single_bool(v: &[Item]) -> R<Option<bool>> {
     match v {
         [] => Ok(None),
         [x] => Ok(Some(x.as_bool().unwrap_or(true))),
-        _ => Err(FpError::Invalid("expected a single boolean, got a collection".into())),
+        _ => Err(FpError::Invalid(
+            "expected a single boolean, got a collection".into(),
+        )),
     }
 }
 
@@ -663,18 +728,63 @@ fn children_of<'a>(v: &'a Value, out: &mut Vec<Item<'a>>) {
 }
 
 const TYPE_SUFFIXES: &[&str] = &[
-    "Base64Binary", "Boolean", "Canonical", "Code", "Date", "DateTime", "Decimal", "Id", "Instant",
-    "Integer", "Markdown", "Oid", "PositiveInt", "String", "Time", "UnsignedInt", "Uri", "Url",
-    "Uuid", "Address", "Age", "Annotation", "Attachment", "CodeableConcept", "Coding",
-    "ContactPoint", "Count", "Distance", "Duration", "HumanName", "Identifier", "Money", "Period",
-    "Quantity", "Range", "Ratio", "Reference", "SampledData", "Signature", "Timing",
-    "ContactDetail", "Contributor", "DataRequirement", "Expression", "ParameterDefinition",
-    "RelatedArtifact", "TriggerDefinition", "UsageContext", "Dosage", "Meta",
+    "Base64Binary",
+    "Boolean",
+    "Canonical",
+    "Code",
+    "Date",
+    "DateTime",
+    "Decimal",
+    "Id",
+    "Instant",
+    "Integer",
+    "Markdown",
+    "Oid",
+    "PositiveInt",
+    "String",
+    "Time",
+    "UnsignedInt",
+    "Uri",
+    "Url",
+    "Uuid",
+    "Address",
+    "Age",
+    "Annotation",
+    "Attachment",
+    "CodeableConcept",
+    "Coding",
+    "ContactPoint",
+    "Count",
+    "Distance",
+    "Duration",
+    "HumanName",
+    "Identifier",
+    "Money",
+    "Period",
+    "Quantity",
+    "Range",
+    "Ratio",
+    "Reference",
+    "SampledData",
+    "Signature",
+    "Timing",
+    "ContactDetail",
+    "Contributor",
+    "DataRequirement",
+    "Expression",
+    "ParameterDefinition",
+    "RelatedArtifact",
+    "TriggerDefinition",
+    "UsageContext",
+    "Dosage",
+    "Meta",
 ];
 
 fn member<'a>(focus: &[Item<'a>], name: &str, out: &mut Vec<Item<'a>>) {
     for it in focus {
-        let Item::Node(Value::Object(m), _) = it else { continue };
+        let Item::Node(Value::Object(m), _) = it else {
+            continue;
+        };
         if let Some(v) = m.get(name) {
             match v {
                 Value::Array(a) => out.extend(a.iter().map(|x| Item::Node(x, None))),
@@ -728,7 +838,8 @@ fn type_matches(it: &Item, t: &str) -> bool {
     match it {
         Item::Node(v, hint) => {
             if let Some(h) = hint {
-                return h.eq_ignore_ascii_case(t) || (tl == "string" && matches!(*h, "code" | "id" | "markdown"));
+                return h.eq_ignore_ascii_case(t)
+                    || (tl == "string" && matches!(*h, "code" | "id" | "markdown"));
             }
             match v {
                 Value::Object(m) => match m.get("resourceType").and_then(Value::as_str) {
@@ -738,12 +849,26 @@ fn type_matches(it: &Item, t: &str) -> bool {
                 },
                 Value::String(_) => matches!(
                     tl.as_str(),
-                    "string" | "code" | "id" | "uri" | "url" | "canonical" | "date" | "datetime" | "instant"
-                        | "time" | "markdown" | "oid" | "uuid" | "base64binary"
+                    "string"
+                        | "code"
+                        | "id"
+                        | "uri"
+                        | "url"
+                        | "canonical"
+                        | "date"
+                        | "datetime"
+                        | "instant"
+                        | "time"
+                        | "markdown"
+                        | "oid"
+                        | "uuid"
+                        | "base64binary"
                 ),
                 Value::Bool(_) => tl == "boolean",
                 Value::Number(n) => {
-                    tl == "decimal" || (n.is_i64() && matches!(tl.as_str(), "integer" | "positiveint" | "unsignedint"))
+                    tl == "decimal"
+                        || (n.is_i64()
+                            && matches!(tl.as_str(), "integer" | "positiveint" | "unsignedint"))
                 }
                 _ => false,
             }
@@ -755,7 +880,8 @@ fn type_matches(it: &Item, t: &str) -> bool {
     }
 }
 
-static REGEX_CACHE: LazyLock<Mutex<HashMap<String, Regex>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+static REGEX_CACHE: LazyLock<Mutex<HashMap<String, Regex>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 fn regex_is_match(pat: &str, s: &str) -> R<bool> {
     let mut cache = REGEX_CACHE.lock().unwrap_or_else(|e| e.into_inner());
@@ -788,7 +914,18 @@ pub fn html_checks(div: &str) -> bool {
         return false;
     }
     let lower = div.to_ascii_lowercase();
-    for bad in ["<script", "<iframe", "<object", "<embed", "<form", "<applet", "<base", "<link", "<meta", "javascript:"] {
+    for bad in [
+        "<script",
+        "<iframe",
+        "<object",
+        "<embed",
+        "<form",
+        "<applet",
+        "<base",
+        "<link",
+        "<meta",
+        "javascript:",
+    ] {
         if lower.contains(bad) {
             return false;
         }
@@ -892,7 +1029,14 @@ fn type_op<'a>(op: &str, v: Vec<Item<'a>>, t: &str) -> R<Vec<Item<'a>>> {
     })
 }
 
-fn bin<'a>(op: &str, a: &Expr, b: &Expr, ctx: &Ctx<'a>, focus: &[Item<'a>], d: usize) -> R<Vec<Item<'a>>> {
+fn bin<'a>(
+    op: &str,
+    a: &Expr,
+    b: &Expr,
+    ctx: &Ctx<'a>,
+    focus: &[Item<'a>],
+    d: usize,
+) -> R<Vec<Item<'a>>> {
     // boolean operators with three-valued logic (short-circuit where allowed)
     match op {
         "and" => {
@@ -985,7 +1129,11 @@ fn bin<'a>(op: &str, a: &Expr, b: &Expr, ctx: &Ctx<'a>, focus: &[Item<'a>], d: u
             match needle.as_slice() {
                 [] => vec![],
                 [x] => vec![Item::Bool(hay.iter().any(|y| items_equal(x, y)))],
-                _ => return Err(FpError::Invalid("'in' with a collection on the left".into())),
+                _ => {
+                    return Err(FpError::Invalid(
+                        "'in' with a collection on the left".into(),
+                    ));
+                }
             }
         }
         "&" => {
@@ -1031,7 +1179,11 @@ fn bin<'a>(op: &str, a: &Expr, b: &Expr, ctx: &Ctx<'a>, focus: &[Item<'a>], d: u
                             vec![Item::Dec(v)]
                         }
                     }
-                    _ => return Err(FpError::Unsupported(format!("operator {op} on these operand types"))),
+                    _ => {
+                        return Err(FpError::Unsupported(format!(
+                            "operator {op} on these operand types"
+                        )));
+                    }
                 }
             }
             _ => vec![],
@@ -1040,14 +1192,26 @@ fn bin<'a>(op: &str, a: &Expr, b: &Expr, ctx: &Ctx<'a>, focus: &[Item<'a>], d: u
     })
 }
 
-fn arg<'a>(args: &[Expr], i: usize, ctx: &Ctx<'a>, focus: &[Item<'a>], d: usize) -> R<Vec<Item<'a>>> {
+fn arg<'a>(
+    args: &[Expr],
+    i: usize,
+    ctx: &Ctx<'a>,
+    focus: &[Item<'a>],
+    d: usize,
+) -> R<Vec<Item<'a>>> {
     match args.get(i) {
         Some(e) => eval(e, ctx, focus, d),
         None => Err(FpError::Invalid(format!("missing argument {}", i + 1))),
     }
 }
 
-fn arg_str(args: &[Expr], i: usize, ctx: &Ctx<'_>, focus: &[Item<'_>], d: usize) -> R<Option<String>> {
+fn arg_str(
+    args: &[Expr],
+    i: usize,
+    ctx: &Ctx<'_>,
+    focus: &[Item<'_>],
+    d: usize,
+) -> R<Option<String>> {
     if let Some(Expr::Str(s)) = args.get(i) {
         return Ok(Some(s.clone()));
     }
@@ -1081,7 +1245,14 @@ fn descendants<'a>(v: &'a Value, out: &mut Vec<Item<'a>>) -> R<()> {
     Ok(())
 }
 
-fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus: &[Item<'a>], d: usize) -> R<Vec<Item<'a>>> {
+fn func<'a>(
+    name: &str,
+    base: Vec<Item<'a>>,
+    args: &[Expr],
+    ctx: &Ctx<'a>,
+    focus: &[Item<'a>],
+    d: usize,
+) -> R<Vec<Item<'a>>> {
     let b = |x: bool| vec![Item::Bool(x)];
     let one_str = |base: &[Item]| single_str(base).map(str::to_string);
     Ok(match name {
@@ -1138,7 +1309,11 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
         }
         "single" => match base.len() {
             0 | 1 => base,
-            _ => return Err(FpError::Invalid("single() on a collection of several items".into())),
+            _ => {
+                return Err(FpError::Invalid(
+                    "single() on a collection of several items".into(),
+                ));
+            }
         },
         "ofType" | "as" | "is" => {
             let t = arg_str(args, 0, ctx, focus, d)?.unwrap_or_default();
@@ -1146,15 +1321,24 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
         }
         "indexOf" => match (one_str(&base), arg_str(args, 0, ctx, focus, d)?) {
             (Some(s), Some(sub)) => {
-                let idx = s.find(&sub).map(|byte| s[..byte].chars().count() as i64).unwrap_or(-1);
+                let idx = s
+                    .find(&sub)
+                    .map(|byte| s[..byte].chars().count() as i64)
+                    .unwrap_or(-1);
                 vec![Item::Int(idx)]
             }
             _ => vec![],
         },
         "substring" => {
-            let Some(s) = one_str(&base) else { return Ok(vec![]) };
+            let Some(s) = one_str(&base) else {
+                return Ok(vec![]);
+            };
             let start = arg_int(args, 0, ctx, focus, d)?;
-            let len = if args.len() > 1 { arg_int(args, 1, ctx, focus, d)? } else { None };
+            let len = if args.len() > 1 {
+                arg_int(args, 1, ctx, focus, d)?
+            } else {
+                None
+            };
             let chars: Vec<char> = s.chars().collect();
             match start {
                 Some(st) if st >= 0 && (st as usize) < chars.len() => {
@@ -1169,19 +1353,25 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
                 _ => vec![],
             }
         }
-        "startsWith" | "endsWith" | "contains" => match (one_str(&base), arg_str(args, 0, ctx, focus, d)?) {
-            (Some(s), Some(p)) => b(match name {
-                "startsWith" => s.starts_with(&p),
-                "endsWith" => s.ends_with(&p),
-                _ => s.contains(&p),
-            }),
-            _ => vec![],
-        },
+        "startsWith" | "endsWith" | "contains" => {
+            match (one_str(&base), arg_str(args, 0, ctx, focus, d)?) {
+                (Some(s), Some(p)) => b(match name {
+                    "startsWith" => s.starts_with(&p),
+                    "endsWith" => s.ends_with(&p),
+                    _ => s.contains(&p),
+                }),
+                _ => vec![],
+            }
+        }
         "matches" => match (one_str(&base), arg_str(args, 0, ctx, focus, d)?) {
             (Some(s), Some(p)) => b(regex_is_match(&p, &s)?),
             _ => vec![],
         },
-        "replace" => match (one_str(&base), arg_str(args, 0, ctx, focus, d)?, arg_str(args, 1, ctx, focus, d)?) {
+        "replace" => match (
+            one_str(&base),
+            arg_str(args, 0, ctx, focus, d)?,
+            arg_str(args, 1, ctx, focus, d)?,
+        ) {
             (Some(s), Some(p), Some(r)) => vec![Item::Str(s.replace(&p, &r))],
             _ => vec![],
         },
@@ -1189,9 +1379,18 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
             Some(s) => vec![Item::Int(s.chars().count() as i64)],
             None => vec![],
         },
-        "upper" => one_str(&base).map(|s| Item::Str(s.to_uppercase())).into_iter().collect(),
-        "lower" => one_str(&base).map(|s| Item::Str(s.to_lowercase())).into_iter().collect(),
-        "trim" => one_str(&base).map(|s| Item::Str(s.trim().to_string())).into_iter().collect(),
+        "upper" => one_str(&base)
+            .map(|s| Item::Str(s.to_uppercase()))
+            .into_iter()
+            .collect(),
+        "lower" => one_str(&base)
+            .map(|s| Item::Str(s.to_lowercase()))
+            .into_iter()
+            .collect(),
+        "trim" => one_str(&base)
+            .map(|s| Item::Str(s.trim().to_string()))
+            .into_iter()
+            .collect(),
         "toString" => match base.as_slice() {
             [x] if x.is_primitive() => match x.to_json() {
                 Value::String(s) => vec![Item::Str(s)],
@@ -1211,7 +1410,12 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
             _ => vec![],
         },
         "toDecimal" => match base.as_slice() {
-            [x] => x.as_num().or_else(|| x.as_str().and_then(|s| s.parse().ok())).map(Item::Dec).into_iter().collect(),
+            [x] => x
+                .as_num()
+                .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+                .map(Item::Dec)
+                .into_iter()
+                .collect(),
             _ => vec![],
         },
         "hasValue" => b(matches!(base.as_slice(), [x] if x.is_primitive())),
@@ -1261,13 +1465,18 @@ fn func<'a>(name: &str, base: Vec<Item<'a>>, args: &[Expr], ctx: &Ctx<'a>, focus
                 "intersect" => {
                     let mut out: Vec<Item> = Vec::new();
                     for x in base {
-                        if other.iter().any(|y| items_equal(y, &x)) && !out.iter().any(|y| items_equal(y, &x)) {
+                        if other.iter().any(|y| items_equal(y, &x))
+                            && !out.iter().any(|y| items_equal(y, &x))
+                        {
                             out.push(x);
                         }
                     }
                     out
                 }
-                "exclude" => base.into_iter().filter(|x| !other.iter().any(|y| items_equal(y, x))).collect(),
+                "exclude" => base
+                    .into_iter()
+                    .filter(|x| !other.iter().any(|y| items_equal(y, x)))
+                    .collect(),
                 "subsetOf" => b(base.iter().all(|x| other.iter().any(|y| items_equal(y, x)))),
                 "supersetOf" => b(other.iter().all(|x| base.iter().any(|y| items_equal(y, x)))),
                 "combine" => base.into_iter().chain(other).collect(),
@@ -1304,8 +1513,16 @@ mod tests {
 
     fn run(expr: &str, v: &Value) -> Vec<Value> {
         let e = parse(expr).unwrap();
-        let ctx = Ctx { resource: v, root: v, context: v };
-        evaluate(&e, &ctx, &[Item::Node(v, None)]).unwrap().iter().map(Item::to_json).collect()
+        let ctx = Ctx {
+            resource: v,
+            root: v,
+            context: v,
+        };
+        evaluate(&e, &ctx, &[Item::Node(v, None)])
+            .unwrap()
+            .iter()
+            .map(Item::to_json)
+            .collect()
     }
 
     #[test]
@@ -1313,17 +1530,38 @@ mod tests {
         let p = json!({"resourceType":"Patient","name":[{"given":["A","B"]},{"family":"F"}],
             "extension":[{"url":"u","valueIdentifier":{"value":"1311234567"}}]});
         assert_eq!(run("Patient.name.given.count()", &p), vec![json!(2)]);
-        assert_eq!(run("name.where(family.exists()).family", &p), vec![json!("F")]);
-        assert_eq!(run("extension('u').value.ofType(Identifier).value.matches('^[0-4][0-9][1-3][0-9]{7}$')", &p), vec![json!(true)]);
-        assert_eq!(run("'ab'.substring(1) = 'b' and 'abc'.indexOf('c') = 2", &p), vec![json!(true)]);
-        assert_eq!(run("name[1].given.empty() implies true", &p), vec![json!(true)]);
-        assert_eq!(run("(1 | 2 | 2).count() = 2 xor false", &p), vec![json!(true)]);
+        assert_eq!(
+            run("name.where(family.exists()).family", &p),
+            vec![json!("F")]
+        );
+        assert_eq!(
+            run(
+                "extension('u').value.ofType(Identifier).value.matches('^[0-4][0-9][1-3][0-9]{7}$')",
+                &p
+            ),
+            vec![json!(true)]
+        );
+        assert_eq!(
+            run("'ab'.substring(1) = 'b' and 'abc'.indexOf('c') = 2", &p),
+            vec![json!(true)]
+        );
+        assert_eq!(
+            run("name[1].given.empty() implies true", &p),
+            vec![json!(true)]
+        );
+        assert_eq!(
+            run("(1 | 2 | 2).count() = 2 xor false", &p),
+            vec![json!(true)]
+        );
         assert_eq!(run("'C' in ('C' | 'CM')", &p), vec![json!(true)]);
     }
 
     #[test]
     fn unsupported_is_reported() {
-        assert!(matches!(parse("code.memberOf('x')"), Err(FpError::Unsupported(_))));
+        assert!(matches!(
+            parse("code.memberOf('x')"),
+            Err(FpError::Unsupported(_))
+        ));
         assert!(matches!(parse("name.given("), Err(FpError::Invalid(_))));
     }
 }

@@ -60,9 +60,15 @@ pub fn packages_dir(data_dir: &Path) -> PathBuf {
 pub fn install_package(src: &Path, data_dir: &Path) -> anyhow::Result<PackageInfo> {
     let mut c = Conformance::new();
     let infos = c.load_path(src)?;
-    let info = infos.into_iter().next().ok_or_else(|| anyhow::anyhow!("{}: no package found", src.display()))?;
+    let info = infos
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{}: no package found", src.display()))?;
     if info.resources == 0 {
-        anyhow::bail!("{}: no StructureDefinition, ValueSet or CodeSystem inside", src.display());
+        anyhow::bail!(
+            "{}: no StructureDefinition, ValueSet or CodeSystem inside",
+            src.display()
+        );
     }
     let dir = packages_dir(data_dir);
     std::fs::create_dir_all(&dir)?;
@@ -93,7 +99,10 @@ fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
 impl Validator {
     /// No packages: built-in R4 structure table and the business rules.
     pub fn builtin() -> Validator {
-        Validator { engine: engine::Engine::new(Conformance::builtin_r4()), terminology: None }
+        Validator {
+            engine: engine::Engine::new(Conformance::builtin_r4()),
+            terminology: None,
+        }
     }
 
     /// Packages under `DATA_DIR/packages/` and masters under `DATA_DIR/terminology/`.
@@ -109,7 +118,10 @@ impl Validator {
     }
 
     /// Loads packages from explicit paths (files or folders), plus optional masters.
-    pub fn from_paths(paths: &[PathBuf], terminology: Option<Terminology>) -> anyhow::Result<Validator> {
+    pub fn from_paths(
+        paths: &[PathBuf],
+        terminology: Option<Terminology>,
+    ) -> anyhow::Result<Validator> {
         let mut conf = Conformance::builtin_r4();
         for p in paths {
             conf.load_path(p)?;
@@ -123,7 +135,10 @@ impl Validator {
         if let Some(t) = &terminology {
             engine.codes = Some(Arc::new(TermSource(t.clone())));
         }
-        Validator { engine, terminology }
+        Validator {
+            engine,
+            terminology,
+        }
     }
 
     /// The loaded packages.
@@ -150,7 +165,9 @@ impl Validator {
     /// issue of severity error (or fatal) means the resource must be rejected.
     /// Never panics.
     pub fn validate(&self, resource: &Value, profile: Option<&str>) -> Vec<Issue> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.engine.validate(resource, profile))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.engine.validate(resource, profile)
+        })) {
             Ok(v) => v,
             Err(_) => vec![Issue {
                 severity: Severity::Fatal,

@@ -19,7 +19,10 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
 }
@@ -74,11 +77,17 @@ fn wanted(file_name: &str) -> bool {
     if !base.ends_with(".json") || base == "package.json" || base.starts_with('.') {
         return false;
     }
-    if base.starts_with("StructureDefinition-") || base.starts_with("ValueSet-") || base.starts_with("CodeSystem-") {
+    if base.starts_with("StructureDefinition-")
+        || base.starts_with("ValueSet-")
+        || base.starts_with("CodeSystem-")
+    {
         return true;
     }
     // other `Type-id.json` files are examples or other conformance resources
-    let looks_typed = base.split_once('-').is_some_and(|(t, _)| t.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && t.chars().all(|c| c.is_ascii_alphabetic()));
+    let looks_typed = base.split_once('-').is_some_and(|(t, _)| {
+        t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            && t.chars().all(|c| c.is_ascii_alphabetic())
+    });
     !looks_typed
 }
 
@@ -102,7 +111,9 @@ impl Conformance {
 
     /// Adds one resource given as JSON text.
     pub fn add_bytes(&mut self, bytes: &[u8]) -> bool {
-        let Ok(h) = serde_json::from_slice::<Head>(bytes) else { return false };
+        let Ok(h) = serde_json::from_slice::<Head>(bytes) else {
+            return false;
+        };
         let Some(url) = h.url else { return false };
         let rt = h.resource_type;
         let map = match rt.as_str() {
@@ -111,7 +122,10 @@ impl Conformance {
             "CodeSystem" => &mut self.code_systems,
             _ => return false,
         };
-        let raw = Arc::new(Raw { bytes: bytes.to_vec().into_boxed_slice(), date: h.date.unwrap_or_default() });
+        let raw = Arc::new(Raw {
+            bytes: bytes.to_vec().into_boxed_slice(),
+            date: h.date.unwrap_or_default(),
+        });
         let replace = match map.get(&url) {
             None => true,
             Some(old) if old.bytes == raw.bytes => false,
@@ -121,10 +135,13 @@ impl Conformance {
             && old.bytes != raw.bytes
         {
             let used = if replace { &raw.date } else { &old.date };
-            self.notes.push(format!("{rt} {url}: differing copies in several packages; using the one dated {used}"));
+            self.notes.push(format!(
+                "{rt} {url}: differing copies in several packages; using the one dated {used}"
+            ));
         }
         if let Some(ver) = &h.version {
-            map.entry(format!("{url}|{ver}")).or_insert_with(|| raw.clone());
+            map.entry(format!("{url}|{ver}"))
+                .or_insert_with(|| raw.clone());
         }
         if replace {
             map.insert(url, raw);
@@ -135,15 +152,23 @@ impl Conformance {
     /// Loads a `.tgz` package, an unpacked package folder, a folder of loose JSON,
     /// or a folder holding several of those (e.g. `DATA_DIR/packages`).
     pub fn load_path(&mut self, path: &Path) -> Result<Vec<PackageInfo>, PackageError> {
-        let io = |e| PackageError::Io { path: path.to_path_buf(), source: e };
+        let io = |e| PackageError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let meta = std::fs::metadata(path).map_err(io)?;
         if meta.is_file() {
             return Ok(vec![self.load_tgz(path)?]);
         }
-        if path.join("package").join("package.json").is_file() || path.join("package.json").is_file() {
+        if path.join("package").join("package.json").is_file()
+            || path.join("package.json").is_file()
+        {
             return Ok(vec![self.load_dir(path)?]);
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         entries.sort();
         let mut out = Vec::new();
         let mut loose = false;
@@ -165,11 +190,19 @@ impl Conformance {
 
     /// Loads an npm-style package `.tgz`.
     pub fn load_tgz(&mut self, path: &Path) -> Result<PackageInfo, PackageError> {
-        let io = |e| PackageError::Io { path: path.to_path_buf(), source: e };
+        let io = |e| PackageError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let f = std::fs::File::open(path).map_err(io)?;
         let gz = flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(1 << 20, f));
         let mut ar = tar::Archive::new(gz);
-        let mut info = PackageInfo { name: String::new(), version: String::new(), source: path.to_path_buf(), resources: 0 };
+        let mut info = PackageInfo {
+            name: String::new(),
+            version: String::new(),
+            source: path.to_path_buf(),
+            resources: 0,
+        };
         let entries = ar.entries().map_err(io)?;
         let mut buf = Vec::new();
         for entry in entries {
@@ -182,16 +215,29 @@ impl Conformance {
             buf.clear();
             entry.read_to_end(&mut buf).map_err(io)?;
             if is_manifest {
-                let v: Value = serde_json::from_slice(&buf)
-                    .map_err(|_| PackageError::Format { path: path.to_path_buf(), msg: "package/package.json is not JSON".into() })?;
-                info.name = v.get("name").and_then(Value::as_str).unwrap_or("").to_string();
-                info.version = v.get("version").and_then(Value::as_str).unwrap_or("").to_string();
+                let v: Value = serde_json::from_slice(&buf).map_err(|_| PackageError::Format {
+                    path: path.to_path_buf(),
+                    msg: "package/package.json is not JSON".into(),
+                })?;
+                info.name = v
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                info.version = v
+                    .get("version")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
             } else if self.add_bytes(&buf) {
                 info.resources += 1;
             }
         }
         if info.name.is_empty() {
-            info.name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            info.name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
         }
         self.packages.push(info.clone());
         Ok(info)
@@ -199,19 +245,46 @@ impl Conformance {
 
     /// Loads an unpacked package folder or a folder of loose conformance JSON.
     pub fn load_dir(&mut self, path: &Path) -> Result<PackageInfo, PackageError> {
-        let io = |e| PackageError::Io { path: path.to_path_buf(), source: e };
-        let dir = if path.join("package").join("package.json").is_file() { path.join("package") } else { path.to_path_buf() };
-        let mut info = PackageInfo { name: String::new(), version: String::new(), source: path.to_path_buf(), resources: 0 };
+        let io = |e| PackageError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let dir = if path.join("package").join("package.json").is_file() {
+            path.join("package")
+        } else {
+            path.to_path_buf()
+        };
+        let mut info = PackageInfo {
+            name: String::new(),
+            version: String::new(),
+            source: path.to_path_buf(),
+            resources: 0,
+        };
         if let Ok(b) = std::fs::read(dir.join("package.json"))
             && let Ok(v) = serde_json::from_slice::<Value>(&b)
         {
-            info.name = v.get("name").and_then(Value::as_str).unwrap_or("").to_string();
-            info.version = v.get("version").and_then(Value::as_str).unwrap_or("").to_string();
+            info.name = v
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            info.version = v
+                .get("version")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         files.sort();
         for p in files {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string();
             if !wanted(&name) || !p.is_file() {
                 continue;
             }
@@ -221,7 +294,10 @@ impl Conformance {
             }
         }
         if info.name.is_empty() {
-            info.name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            info.name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
         }
         self.packages.push(info.clone());
         Ok(info)
@@ -232,10 +308,15 @@ impl Conformance {
         static DATA: &[u8] = include_bytes!("../data/r4-structure.json.gz");
         let mut s = String::new();
         let mut c = Self::new();
-        if flate2::read::GzDecoder::new(DATA).read_to_string(&mut s).is_err() {
+        if flate2::read::GzDecoder::new(DATA)
+            .read_to_string(&mut s)
+            .is_err()
+        {
             return c;
         }
-        let Ok(Value::Object(mut doc)) = serde_json::from_str::<Value>(&s) else { return c };
+        let Ok(Value::Object(mut doc)) = serde_json::from_str::<Value>(&s) else {
+            return c;
+        };
         let mut n = 0;
         for key in ["structureDefinitions", "valueSets", "codeSystems"] {
             if let Some(Value::Array(a)) = doc.remove(key) {
@@ -246,12 +327,19 @@ impl Conformance {
                 }
             }
         }
-        c.packages.push(PackageInfo { name: "tsunagi.builtin.r4".into(), version: "4.0.1".into(), source: PathBuf::from("(built in)"), resources: n });
+        c.packages.push(PackageInfo {
+            name: "tsunagi.builtin.r4".into(),
+            version: "4.0.1".into(),
+            source: PathBuf::from("(built in)"),
+            resources: n,
+        });
         c
     }
 
     fn get(map: &HashMap<String, Arc<Raw>>, url: &str) -> Option<Value> {
-        map.get(url).or_else(|| map.get(url.split('|').next().unwrap_or(url))).and_then(|r| r.parse())
+        map.get(url)
+            .or_else(|| map.get(url.split('|').next().unwrap_or(url)))
+            .and_then(|r| r.parse())
     }
     /// A StructureDefinition by canonical (`url` or `url|version`), parsed.
     pub fn structure_definition(&self, url: &str) -> Option<Value> {

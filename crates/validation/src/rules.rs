@@ -25,11 +25,21 @@ pub(crate) fn apply(engine: &Engine, res: &Value, root: &str, issues: &mut Vec<I
 }
 
 fn master_code(engine: &Engine, res: &Value, root: &str, issues: &mut Vec<Issue>) {
-    let Some(codes) = engine.codes.as_ref() else { return };
-    walk(res, root, 0, &mut |path, m| {
-        let (Some(system), Some(code)) = (m.get("system").and_then(Value::as_str), m.get("code").and_then(Value::as_str)) else { return };
+    let Some(codes) = engine.codes.as_ref() else {
+        return;
+    };
+    let mut path = root.to_string();
+    walk(res, &mut path, 0, &mut |path, m| {
+        let (Some(system), Some(code)) = (
+            m.get("system").and_then(Value::as_str),
+            m.get("code").and_then(Value::as_str),
+        ) else {
+            return;
+        };
         if codes.check_code(system, code) == Some(false) {
-            let name = codes.system_name(system).unwrap_or_else(|| system.to_string());
+            let name = codes
+                .system_name(system)
+                .unwrap_or_else(|| system.to_string());
             issues.push(Issue::error(
                 "code-invalid",
                 Some(format!("{path}.code")),
@@ -39,7 +49,14 @@ fn master_code(engine: &Engine, res: &Value, root: &str, issues: &mut Vec<Issue>
     });
 }
 
-fn walk(v: &Value, path: &str, depth: usize, f: &mut dyn FnMut(&str, &serde_json::Map<String, Value>)) {
+/// Visits every JSON object with its FHIRPath location (one path buffer, no
+/// allocation per node).
+fn walk(
+    v: &Value,
+    path: &mut String,
+    depth: usize,
+    f: &mut dyn FnMut(&str, &serde_json::Map<String, Value>),
+) {
     if depth > 64 {
         return;
     }
@@ -47,12 +64,27 @@ fn walk(v: &Value, path: &str, depth: usize, f: &mut dyn FnMut(&str, &serde_json
         Value::Object(m) => {
             f(path, m);
             for (k, x) in m {
-                walk(x, &format!("{path}.{k}"), depth + 1, f);
+                if !(x.is_object() || x.is_array()) {
+                    continue;
+                }
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                walk(x, path, depth + 1, f);
+                path.truncate(len);
             }
         }
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
-                walk(x, &format!("{path}[{i}]"), depth + 1, f);
+                if !(x.is_object() || x.is_array()) {
+                    continue;
+                }
+                let len = path.len();
+                path.push('[');
+                path.push_str(&i.to_string());
+                path.push(']');
+                walk(x, path, depth + 1, f);
+                path.truncate(len);
             }
         }
         _ => {}

@@ -85,20 +85,40 @@ fn parse_max(s: Option<&str>) -> Option<u64> {
 }
 
 /// Core constraints the validator implements natively (cheaper and exact).
-pub const NATIVE_CONSTRAINTS: &[&str] = &["ele-1", "ext-1"];
+pub const NATIVE_CONSTRAINTS: &[&str] = &["ele-1", "ext-1", "dom-3"];
 
 impl Profile {
     pub fn compile(sd: &Value) -> Option<Profile> {
         let url = sd.get("url")?.as_str()?.to_string();
-        let type_name = sd.get("type").and_then(Value::as_str).unwrap_or("").to_string();
-        let kind = sd.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
-        let name = sd.get("name").and_then(Value::as_str).unwrap_or(&type_name).to_string();
+        let type_name = sd
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let kind = sd
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let name = sd
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or(&type_name)
+            .to_string();
         let els = sd.get("snapshot")?.get("element")?.as_array()?;
         let mut elems: Vec<Elem> = Vec::with_capacity(els.len());
         let mut by_id: HashMap<String, usize> = HashMap::new();
         for el in els {
-            let path = el.get("path").and_then(Value::as_str).unwrap_or("").to_string();
-            let id = el.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| path.clone());
+            let path = el
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let id = el
+                .get("id")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| path.clone());
             let name = path.rsplit('.').next().unwrap_or(&path).to_string();
             let types = el
                 .get("type")
@@ -110,9 +130,20 @@ impl Profile {
                             // FHIRPath system types in R4 snapshots (`http://hl7.org/fhirpath/System.String`)
                             let code = code.rsplit('.').next().unwrap_or(code).to_string();
                             let list = |k: &str| {
-                                t.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+                                t.get(k)
+                                    .and_then(Value::as_array)
+                                    .map(|a| {
+                                        a.iter()
+                                            .filter_map(|x| x.as_str().map(str::to_string))
+                                            .collect()
+                                    })
+                                    .unwrap_or_default()
                             };
-                            Some(TypeRef { code, profiles: list("profile"), target_profiles: list("targetProfile") })
+                            Some(TypeRef {
+                                code,
+                                profiles: list("profile"),
+                                target_profiles: list("targetProfile"),
+                            })
                         })
                         .collect()
                 })
@@ -129,7 +160,10 @@ impl Profile {
                 }
             }
             let binding = el.get("binding").and_then(|b| {
-                Some(Binding { strength: b.get("strength")?.as_str()?.to_string(), value_set: b.get("valueSet")?.as_str()?.to_string() })
+                Some(Binding {
+                    strength: b.get("strength")?.as_str()?.to_string(),
+                    value_set: b.get("valueSet")?.as_str()?.to_string(),
+                })
             });
             let constraints = el
                 .get("constraint")
@@ -141,16 +175,26 @@ impl Profile {
                             if NATIVE_CONSTRAINTS.contains(&key.as_str()) {
                                 return None;
                             }
-                            let source = c.get("expression").and_then(Value::as_str).unwrap_or("").to_string();
+                            let source = c
+                                .get("expression")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string();
                             let expr = if source.is_empty() {
-                                Err(FpError::Unsupported("constraint without a FHIRPath expression".into()))
+                                Err(FpError::Unsupported(
+                                    "constraint without a FHIRPath expression".into(),
+                                ))
                             } else {
                                 fhirpath::parse(&source)
                             };
                             Some(Constraint {
                                 key,
                                 error: c.get("severity").and_then(Value::as_str) != Some("warning"),
-                                human: c.get("human").and_then(Value::as_str).unwrap_or("").to_string(),
+                                human: c
+                                    .get("human")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("")
+                                    .to_string(),
                                 source,
                                 expr,
                             })
@@ -165,7 +209,10 @@ impl Profile {
                     .map(|a| {
                         a.iter()
                             .filter_map(|d| {
-                                Some(Discriminator { kind: d.get("type")?.as_str()?.to_string(), path: d.get("path")?.as_str()?.to_string() })
+                                Some(Discriminator {
+                                    kind: d.get("type")?.as_str()?.to_string(),
+                                    path: d.get("path")?.as_str()?.to_string(),
+                                })
                             })
                             .collect()
                     })
@@ -173,7 +220,10 @@ impl Profile {
                 closed: s.get("rules").and_then(Value::as_str) == Some("closed"),
             });
             let max = parse_max(el.get("max").and_then(Value::as_str));
-            let base_max = el.get("base").and_then(|b| b.get("max")).and_then(Value::as_str);
+            let base_max = el
+                .get("base")
+                .and_then(|b| b.get("max"))
+                .and_then(Value::as_str);
             let array = match base_max {
                 Some(m) => m != "1" && m != "0",
                 None => max != Some(1) && max != Some(0),
@@ -182,12 +232,18 @@ impl Profile {
                 id: id.clone(),
                 path,
                 name,
-                slice_name: el.get("sliceName").and_then(Value::as_str).map(str::to_string),
+                slice_name: el
+                    .get("sliceName")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
                 min: el.get("min").and_then(Value::as_u64).unwrap_or(0),
                 max,
                 array,
                 types,
-                content_ref: el.get("contentReference").and_then(Value::as_str).map(|s| s.trim_start_matches('#').to_string()),
+                content_ref: el
+                    .get("contentReference")
+                    .and_then(Value::as_str)
+                    .map(|s| s.trim_start_matches('#').to_string()),
                 fixed,
                 pattern,
                 binding,
@@ -206,11 +262,17 @@ impl Profile {
             let (parent_id, last) = split_last(&id);
             if let Some((nm, slice)) = last.split_once(':') {
                 // reslice `name:a/b` is a slice of `name:a`
-                let plain = if parent_id.is_empty() { nm.to_string() } else { format!("{parent_id}.{nm}") };
+                let plain = if parent_id.is_empty() {
+                    nm.to_string()
+                } else {
+                    format!("{parent_id}.{nm}")
+                };
                 // `name:a/b` is a reslice of `name:a` when that slice exists; otherwise
                 // the '/' is just part of the slice name (SUSHI allows it).
                 let base = match slice.rsplit_once('/') {
-                    Some((outer, _)) if by_id.contains_key(&format!("{plain}:{outer}")) => format!("{plain}:{outer}"),
+                    Some((outer, _)) if by_id.contains_key(&format!("{plain}:{outer}")) => {
+                        format!("{plain}:{outer}")
+                    }
                     _ => plain,
                 };
                 if let Some(&b) = by_id.get(&base) {
@@ -222,12 +284,20 @@ impl Profile {
                 elems[p].children.push(i);
             }
         }
-        Some(Profile { url, name, type_name, kind, elems })
+        Some(Profile {
+            url,
+            name,
+            type_name,
+            kind,
+            elems,
+        })
     }
 
     /// Index of the element whose `path` is `path` (first, not a slice).
     pub fn by_path(&self, path: &str) -> Option<usize> {
-        self.elems.iter().position(|e| e.path == path && e.slice_name.is_none())
+        self.elems
+            .iter()
+            .position(|e| e.path == path && e.slice_name.is_none())
     }
 }
 

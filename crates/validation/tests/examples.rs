@@ -34,13 +34,24 @@ const KNOWN_DEFECTS: &[(&str, &[&str])] = &[
         ],
     ),
     // eCheckupReport 1.1.3 examples: JP_Patient_eCS of jp-clins 0.9.7 requires address.city/state.
-    ("packages/jp-eChekupReport.r4/", &["Patient.address.city is required", "Patient.address.state is required"]),
+    (
+        "packages/jp-eChekupReport.r4/",
+        &[
+            "Patient.address.city is required",
+            "Patient.address.state is required",
+        ],
+    ),
     // eReferral 0.9.0-beta: extension valueIdentifier where JP Core 1.1.2 defines valueCoding.
-    ("packages/jp-eReferral-0.9.0-beta/", &["Type Identifier is not allowed"]),
+    (
+        "packages/jp-eReferral-0.9.0-beta/",
+        &["Type Identifier is not allowed"],
+    ),
 ];
 
 fn known_defect(rel: &str, messages: &[&str]) -> bool {
-    KNOWN_DEFECTS.iter().any(|(prefix, texts)| rel.starts_with(prefix) && messages.iter().all(|m| texts.iter().any(|t| m.contains(t))))
+    KNOWN_DEFECTS.iter().any(|(prefix, texts)| {
+        rel.starts_with(prefix) && messages.iter().all(|m| texts.iter().any(|t| m.contains(t)))
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,7 +69,12 @@ fn statuses(root: &Path) -> HashMap<String, Expect> {
     let mut out = HashMap::new();
     for line in readme.lines() {
         if let Some(h) = line.strip_prefix("## ") {
-            folder = h.split_whitespace().next().unwrap_or("").trim_end_matches('/').to_string();
+            folder = h
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('/')
+                .to_string();
             continue;
         }
         let cells: Vec<&str> = line.split(" | ").collect();
@@ -100,41 +116,83 @@ fn official_examples_validate_as_documented() {
     let mut all = Vec::new();
     files(&root, &mut all);
     all.sort();
-    assert!(all.len() >= 190, "expected the ~192 examples, found {}", all.len());
+    assert!(
+        all.len() >= 190,
+        "expected the ~192 examples, found {}",
+        all.len()
+    );
     let (mut ok, mut failures) = (0, Vec::new());
     let mut doubtful = Vec::new();
     let mut defects = Vec::new();
     for f in &all {
-        let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
-        let expect = *status.get(&rel).unwrap_or_else(|| panic!("{rel} is not listed in the README"));
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        let expect = *status
+            .get(&rel)
+            .unwrap_or_else(|| panic!("{rel} is not listed in the README"));
         let res: Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
         let folder = rel.rsplit_once('/').map(|(f, _)| f).unwrap_or("");
         let v = common::validator_for(&common::package_set_for(folder));
         let issues = v.validate(&res, None);
-        let errors: Vec<_> = issues.iter().filter(|i| i.severity >= Severity::Error).collect();
+        let errors: Vec<_> = issues
+            .iter()
+            .filter(|i| i.severity >= Severity::Error)
+            .collect();
         if std::env::var_os("TSUNAGI_SHOW_WARNINGS").is_some() {
             for i in issues.iter().filter(|i| i.severity < Severity::Error) {
-                eprintln!("W {rel}: {} {}: {}", i.code, i.expression.as_deref().unwrap_or("-"), i.message);
+                eprintln!(
+                    "W {rel}: {} {}: {}",
+                    i.code,
+                    i.expression.as_deref().unwrap_or("-"),
+                    i.message
+                );
             }
         }
         match expect {
             Expect::Valid if errors.is_empty() => ok += 1,
-            Expect::Valid if known_defect(&rel, &errors.iter().map(|i| i.message.as_str()).collect::<Vec<_>>()) => {
+            Expect::Valid
+                if known_defect(
+                    &rel,
+                    &errors
+                        .iter()
+                        .map(|i| i.message.as_str())
+                        .collect::<Vec<_>>(),
+                ) =>
+            {
                 defects.push(rel.clone());
             }
             Expect::Valid => failures.push(format!(
                 "{rel}: expected valid, got {} error(s):\n{}",
                 errors.len(),
-                errors.iter().map(|i| format!("    {} {}: {}", i.code, i.expression.as_deref().unwrap_or("-"), i.message)).collect::<Vec<_>>().join("\n")
+                errors
+                    .iter()
+                    .map(|i| format!(
+                        "    {} {}: {}",
+                        i.code,
+                        i.expression.as_deref().unwrap_or("-"),
+                        i.message
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             )),
             Expect::Invalid => {
-                if errors.iter().any(|i| i.expression.as_deref().is_some_and(|e| e.contains('.'))) {
+                if errors
+                    .iter()
+                    .any(|i| i.expression.as_deref().is_some_and(|e| e.contains('.')))
+                {
                     ok += 1;
                 } else {
                     failures.push(format!("{rel}: intentional error example, but no error naming an element: {issues:?}"));
                 }
             }
-            Expect::Doubtful => doubtful.push(format!("{rel}: {} error(s) {:?}", errors.len(), errors.iter().map(|i| &i.message).collect::<Vec<_>>())),
+            Expect::Doubtful => doubtful.push(format!(
+                "{rel}: {} error(s) {:?}",
+                errors.len(),
+                errors.iter().map(|i| &i.message).collect::<Vec<_>>()
+            )),
         }
     }
     eprintln!(
@@ -146,5 +204,10 @@ fn official_examples_validate_as_documented() {
     for d in &doubtful {
         eprintln!("doubtful: {d}");
     }
-    assert!(failures.is_empty(), "{} example(s) did not validate as documented:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} example(s) did not validate as documented:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

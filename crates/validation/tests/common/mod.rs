@@ -8,7 +8,11 @@ use tsunagi_validation::Validator;
 
 pub fn shared(rel: &str) -> PathBuf {
     let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")).join(rel);
-    assert!(p.exists(), "reference data missing: {} (tests read ../shared relative to the repository root)", p.display());
+    assert!(
+        p.exists(),
+        "reference data missing: {} (tests read ../shared relative to the repository root)",
+        p.display()
+    );
     p
 }
 
@@ -22,9 +26,18 @@ pub fn data_dir_with_masters() -> PathBuf {
         ("masters/drug-master-y.csv", MasterKind::Drug),
         ("masters/disease-master-b.csv", MasterKind::Disease),
         ("masters/modifier-master-z.csv", MasterKind::Modifier),
-        ("codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-corelabo-cs.json", MasterKind::Jlac10),
-        ("codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-infectionlabo-cs.json", MasterKind::Jlac10),
-        ("codesets/jfagy/JFAGY_J9FN_20250401_R01.csv", MasterKind::Jfagy),
+        (
+            "codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-corelabo-cs.json",
+            MasterKind::Jlac10,
+        ),
+        (
+            "codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-infectionlabo-cs.json",
+            MasterKind::Jlac10,
+        ),
+        (
+            "codesets/jfagy/JFAGY_J9FN_20250401_R01.csv",
+            MasterKind::Jfagy,
+        ),
     ] {
         let r = import(&shared(f), k, &dir).unwrap();
         assert!(r.errors.is_empty(), "{f}: {:?}", r.errors);
@@ -46,12 +59,29 @@ pub fn full_validator() -> &'static Validator {
 pub fn package_set_for(folder: &str) -> Vec<&'static str> {
     let core = "current/hl7.fhir.r4.core-4.0.1.tgz";
     match folder {
-        "clinical-core" | "packages/jp-clins.r4-1.5.2" => vec![core, "variants/jp-core.r4-1.1.2-url.tgz", "jp-clins.r4-1.5.2.tgz"],
-        f if f.starts_with("ePrescriptionData") => vec![core, "jp-core.r4-1.1.2.tgz", "compiled/jp-ePrescriptionData.r4-1.0.0-snap.tgz"],
+        "clinical-core" | "packages/jp-clins.r4-1.5.2" => vec![
+            core,
+            "variants/jp-core.r4-1.1.2-url.tgz",
+            "jp-clins.r4-1.5.2.tgz",
+        ],
+        f if f.starts_with("ePrescriptionData") => vec![
+            core,
+            "jp-core.r4-1.1.2.tgz",
+            "compiled/jp-ePrescriptionData.r4-1.0.0-snap.tgz",
+        ],
         "packages/jp-clins.r4-0.9.7" => vec![core, "jp-core.r4-1.1.2.tgz", "jp-clins.r4-0.9.7.tgz"],
-        "packages/jp-eChekupReport.r4" => vec![core, "variants/jp-core.r4-1.1.2-clins.tgz", "jp-clins.r4-0.9.7.tgz", "jp-eChekupReport.r4.tgz"],
+        "packages/jp-eChekupReport.r4" => vec![
+            core,
+            "variants/jp-core.r4-1.1.2-clins.tgz",
+            "jp-clins.r4-0.9.7.tgz",
+            "jp-eChekupReport.r4.tgz",
+        ],
         "packages/jp-eReferral.r4" => vec![core, "jp-core.r4-1.1.2.tgz", "jp-eReferral.r4.tgz"],
-        "packages/jp-eReferral-0.9.0-beta" => vec![core, "jp-core.r4-1.1.2.tgz", "variants/jp-eReferral-0.9.0-beta.tgz"],
+        "packages/jp-eReferral-0.9.0-beta" => vec![
+            core,
+            "jp-core.r4-1.1.2.tgz",
+            "variants/jp-eReferral-0.9.0-beta.tgz",
+        ],
         _ => vec![core, "jp-core.r4-1.1.2.tgz"],
     }
 }
@@ -69,7 +99,10 @@ pub fn validator_for(set: &[&str]) -> std::sync::Arc<Validator> {
     }
     let dir = MASTERS.get_or_init(data_dir_with_masters);
     let term = tsunagi_terminology::Terminology::open(dir).unwrap();
-    let paths: Vec<PathBuf> = set.iter().map(|p| shared(&format!("fhir-packages/{p}"))).collect();
+    let paths: Vec<PathBuf> = set
+        .iter()
+        .map(|p| shared(&format!("fhir-packages/{p}")))
+        .collect();
     let v = Arc::new(Validator::from_paths(&paths, Some(term)).unwrap());
     cache.lock().unwrap().insert(key, v.clone());
     v
