@@ -1377,7 +1377,7 @@ impl Engine {
                     Some(Value::String(x)) => spec.push(Some(x.clone())),
                     Some(x @ (Value::Bool(_) | Value::Number(_))) => spec.push(Some(x.to_string())),
                     Some(_) => usable = false,
-                    None if el.binding.is_some() => usable = false,
+                    None if el.binding.is_some() || !el.children.is_empty() => usable = false,
                     None => spec.push(None),
                 }
                 if !usable {
@@ -1522,6 +1522,10 @@ impl Engine {
         if let Some(pat) = &el.pattern {
             return Some(actual.iter().any(|a| pattern_matches(pat, a)));
         }
+        // complex discriminator value: the fixed/pattern values of the descendants
+        if let Some(r) = self.descendant_values_match(&p, i, &actual, 0) {
+            return Some(r);
+        }
         if let Some(b) = &el.binding {
             let vs = self.value_set(strip_version(&b.value_set));
             if vs.codes.is_empty() {
@@ -1545,6 +1549,40 @@ impl Engine {
             }));
         }
         None
+    }
+
+    /// For a discriminator on a complex element without its own fixed/pattern:
+    /// do the values carry every fixed/pattern value that the element's
+    /// descendants define? `None` when no descendant defines one.
+    fn descendant_values_match(&self, prof: &Arc<Profile>, ei: usize, actual: &[&Value], depth: usize) -> Option<bool> {
+        if depth > 8 {
+            return None;
+        }
+        let mut any = false;
+        let mut all_ok = true;
+        for &c in &prof.elems[ei].children {
+            let ce = &prof.elems[c];
+            let key = ce.name.trim_end_matches("[x]");
+            let vals: Vec<&Value> = actual
+                .iter()
+                .filter_map(|a| a.get(key))
+                .flat_map(|v| match v {
+                    Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                    x => vec![x],
+                })
+                .collect();
+            if let Some(f) = &ce.fixed {
+                any = true;
+                all_ok &= vals.iter().any(|v| *v == f);
+            } else if let Some(pt) = &ce.pattern {
+                any = true;
+                all_ok &= vals.iter().any(|v| pattern_matches(pt, v));
+            } else if let Some(r) = self.descendant_values_match(prof, c, &vals, depth + 1) {
+                any = true;
+                all_ok &= r;
+            }
+        }
+        any.then_some(all_ok)
     }
 
     /// The element reached from element `ei` by a dotted discriminator path (cached).

@@ -84,6 +84,8 @@ fn parse_max(s: Option<&str>) -> Option<u64> {
     }
 }
 
+const FHIR_TYPE_EXT: &str = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type";
+
 /// Core constraints the validator implements natively (cheaper and exact).
 pub const NATIVE_CONSTRAINTS: &[&str] = &["ele-1", "ext-1", "dom-3"];
 
@@ -128,7 +130,21 @@ impl Profile {
                         .filter_map(|t| {
                             let code = t.get("code")?.as_str()?;
                             // FHIRPath system types in R4 snapshots (`http://hl7.org/fhirpath/System.String`)
-                            let code = code.rsplit('.').next().unwrap_or(code).to_string();
+                            // carry the FHIR type in the structuredefinition-fhir-type extension
+                            let fhir_type = t
+                                .get("extension")
+                                .and_then(Value::as_array)
+                                .and_then(|a| a.iter().find(|x| x.get("url").and_then(Value::as_str) == Some(FHIR_TYPE_EXT)))
+                                .and_then(|x| x.get("valueUrl").or_else(|| x.get("valueUri")))
+                                .and_then(Value::as_str);
+                            let mut code = match fhir_type {
+                                Some(ft) if code.starts_with("http://hl7.org/fhirpath/") => ft.to_string(),
+                                _ => code.rsplit('.').next().unwrap_or(code).to_string(),
+                            };
+                            // R4 types Resource.id as string; its value is an id
+                            if kind == "resource" && path == format!("{type_name}.id") {
+                                code = "id".to_string();
+                            }
                             let list = |k: &str| {
                                 t.get(k)
                                     .and_then(Value::as_array)
