@@ -1554,7 +1554,13 @@ impl Engine {
     /// For a discriminator on a complex element without its own fixed/pattern:
     /// do the values carry every fixed/pattern value that the element's
     /// descendants define? `None` when no descendant defines one.
-    fn descendant_values_match(&self, prof: &Arc<Profile>, ei: usize, actual: &[&Value], depth: usize) -> Option<bool> {
+    fn descendant_values_match(
+        &self,
+        prof: &Arc<Profile>,
+        ei: usize,
+        actual: &[&Value],
+        depth: usize,
+    ) -> Option<bool> {
         if depth > 8 {
             return None;
         }

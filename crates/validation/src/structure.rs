@@ -134,11 +134,17 @@ impl Profile {
                             let fhir_type = t
                                 .get("extension")
                                 .and_then(Value::as_array)
-                                .and_then(|a| a.iter().find(|x| x.get("url").and_then(Value::as_str) == Some(FHIR_TYPE_EXT)))
+                                .and_then(|a| {
+                                    a.iter().find(|x| {
+                                        x.get("url").and_then(Value::as_str) == Some(FHIR_TYPE_EXT)
+                                    })
+                                })
                                 .and_then(|x| x.get("valueUrl").or_else(|| x.get("valueUri")))
                                 .and_then(Value::as_str);
                             let mut code = match fhir_type {
-                                Some(ft) if code.starts_with("http://hl7.org/fhirpath/") => ft.to_string(),
+                                Some(ft) if code.starts_with("http://hl7.org/fhirpath/") => {
+                                    ft.to_string()
+                                }
                                 _ => code.rsplit('.').next().unwrap_or(code).to_string(),
                             };
                             // R4 types Resource.id as string; its value is an id

@@ -21,7 +21,11 @@ fn lab() -> Value {
 }
 
 fn errors(v: &Value) -> Vec<Issue> {
-    validator().validate(v, None).into_iter().filter(|i| i.severity >= Severity::Error).collect()
+    validator()
+        .validate(v, None)
+        .into_iter()
+        .filter(|i| i.severity >= Severity::Error)
+        .collect()
 }
 
 /// Exactly the expected error: at least one error at `expr` whose message contains
@@ -30,10 +34,14 @@ fn errors(v: &Value) -> Vec<Issue> {
 fn assert_only_error(v: &Value, expr: &str, text: &str) {
     let errs = errors(v);
     assert!(
-        errs.iter().any(|i| i.expression.as_deref() == Some(expr) && i.message.contains(text)),
+        errs.iter()
+            .any(|i| i.expression.as_deref() == Some(expr) && i.message.contains(text)),
         "expected an error at {expr} containing {text:?}, got {errs:#?}"
     );
-    let others: Vec<_> = errs.iter().filter(|i| i.expression.as_deref() != Some(expr)).collect();
+    let others: Vec<_> = errs
+        .iter()
+        .filter(|i| i.expression.as_deref() != Some(expr))
+        .collect();
     assert!(others.is_empty(), "unexpected other errors: {others:#?}");
 }
 
@@ -52,10 +60,21 @@ fn cardinality_missing_required_element() {
 #[test]
 fn cardinality_too_many() {
     let mut v = lab();
-    v["category"].as_array_mut().unwrap().push(json!({"text": "extra"}));
-    v["category"].as_array_mut().unwrap().push(json!({"text": "extra2"}));
+    v["category"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"text": "extra"}));
+    v["category"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"text": "extra2"}));
     let errs = errors(&v);
-    assert!(errs.iter().any(|i| i.expression.as_deref() == Some("Observation.category") && i.message.contains("at most")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|i| i.expression.as_deref() == Some("Observation.category")
+                && i.message.contains("at most")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -100,7 +119,12 @@ fn primitive_code_format() {
     let mut v = lab();
     v["language"] = json!("ja  JP");
     let errs = errors(&v);
-    assert!(errs.iter().any(|i| i.expression.as_deref() == Some("Observation.language") && i.message.contains("not a valid code")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|i| i.expression.as_deref() == Some("Observation.language")
+                && i.message.contains("not a valid code")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -112,7 +136,11 @@ fn fixed_value() {
         "code": "123",
         "display": "未標準化コード項目(JLAC)"
     }));
-    assert_only_error(&v, "Observation.code.coding[3].code", "must be exactly \"99999999999999999\"");
+    assert_only_error(
+        &v,
+        "Observation.code.coding[3].code",
+        "must be exactly \"99999999999999999\"",
+    );
 }
 
 #[test]
@@ -122,11 +150,20 @@ fn pattern_value() {
     v["meta"]["tag"] = json!([{"system": "http://example.org/other", "code": "LTS"}]);
     let errs = errors(&v);
     assert!(
-        errs.iter().any(|i| i.expression.as_deref() == Some("Observation.meta.tag[0].system") && i.message.contains("must match the pattern")),
+        errs.iter().any(
+            |i| i.expression.as_deref() == Some("Observation.meta.tag[0].system")
+                && i.message.contains("must match the pattern")
+        ),
         "{errs:#?}"
     );
     // the only other finding is the tag's required binding, on the same tag
-    assert!(errs.iter().all(|i| i.expression.as_deref().is_some_and(|e| e.starts_with("Observation.meta.tag[0]"))), "{errs:#?}");
+    assert!(
+        errs.iter().all(|i| i
+            .expression
+            .as_deref()
+            .is_some_and(|e| e.starts_with("Observation.meta.tag[0]"))),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -141,9 +178,14 @@ fn extensible_binding_is_a_warning() {
     let mut v = lab();
     v["interpretation"] = json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "NOPE"}]}]);
     let issues = validator().validate(&v, None);
-    assert!(!issues.iter().any(|i| i.severity >= Severity::Error), "{issues:#?}");
     assert!(
-        issues.iter().any(|i| i.severity == Severity::Warning && i.expression.as_deref() == Some("Observation.interpretation[0]") && i.message.contains("extensible")),
+        !issues.iter().any(|i| i.severity >= Severity::Error),
+        "{issues:#?}"
+    );
+    assert!(
+        issues.iter().any(|i| i.severity == Severity::Warning
+            && i.expression.as_deref() == Some("Observation.interpretation[0]")
+            && i.message.contains("extensible")),
         "{issues:#?}"
     );
 }
@@ -167,7 +209,13 @@ fn slicing_slice_cardinality() {
         }));
     }
     let errs = errors(&v);
-    assert!(errs.iter().any(|i| i.expression.as_deref() == Some("Observation.code.coding") && i.message.contains("Slice 'unCoded'")), "{errs:#?}");
+    assert!(
+        errs.iter().any(
+            |i| i.expression.as_deref() == Some("Observation.code.coding")
+                && i.message.contains("Slice 'unCoded'")
+        ),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -175,7 +223,12 @@ fn slicing_required_slice_missing() {
     let mut v = lab();
     v["category"] = json!([{"coding": [{"system": "http://jpfhir.jp/fhir/core/CodeSystem/JP_SimpleObservationCategory_CS", "code": "vital-signs"}]}]);
     let errs = errors(&v);
-    assert!(errs.iter().any(|i| i.expression.as_deref() == Some("Observation.category") && i.message.contains("Slice 'laboratory'")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|i| i.expression.as_deref() == Some("Observation.category")
+                && i.message.contains("Slice 'laboratory'")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -184,16 +237,32 @@ fn extension_by_url_checks_its_definition() {
     // JP_eCS_Department is a CodeableConcept extension
     v["extension"][1] = json!({"url": "http://jpfhir.jp/fhir/eCS/Extension/StructureDefinition/JP_eCS_Department", "valueString": "循環器科"});
     let errs = errors(&v);
-    assert!(errs.iter().any(|i| i.expression.as_deref() == Some("Observation.extension[1].valueString")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|i| i.expression.as_deref() == Some("Observation.extension[1].valueString")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
 fn unknown_extension_is_a_warning() {
     let mut v = lab();
-    v["extension"].as_array_mut().unwrap().push(json!({"url": "http://example.org/unknown-ext", "valueString": "x"}));
+    v["extension"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"url": "http://example.org/unknown-ext", "valueString": "x"}));
     let issues = validator().validate(&v, None);
-    assert!(!issues.iter().any(|i| i.severity >= Severity::Error), "{issues:#?}");
-    assert!(issues.iter().any(|i| i.expression.as_deref() == Some("Observation.extension[2]") && i.message.contains("not known")), "{issues:#?}");
+    assert!(
+        !issues.iter().any(|i| i.severity >= Severity::Error),
+        "{issues:#?}"
+    );
+    assert!(
+        issues.iter().any(
+            |i| i.expression.as_deref() == Some("Observation.extension[2]")
+                && i.message.contains("not known")
+        ),
+        "{issues:#?}"
+    );
 }
 
 #[test]
@@ -216,7 +285,13 @@ fn contained_reference_to_nothing() {
     let mut v = lab();
     v["performer"] = json!([{"reference": "#nobody"}]);
     let errs = errors(&v);
-    assert!(errs.iter().any(|i| i.expression.as_deref() == Some("Observation.performer[0].reference") && i.message.contains("does not exist")), "{errs:#?}");
+    assert!(
+        errs.iter().any(
+            |i| i.expression.as_deref() == Some("Observation.performer[0].reference")
+                && i.message.contains("does not exist")
+        ),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -224,11 +299,20 @@ fn bundle_reference_to_nothing() {
     let mut b = example("Bundle-Bundle-CLINS-Observations-Example-01.json");
     assert!(errors(&b).is_empty(), "{:#?}", errors(&b));
     let entries = b["entry"].as_array_mut().unwrap();
-    let i = entries.iter().position(|e| e["resource"]["resourceType"] == "Observation").unwrap();
-    entries[i]["resource"]["subject"] = json!({"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"});
+    let i = entries
+        .iter()
+        .position(|e| e["resource"]["resourceType"] == "Observation")
+        .unwrap();
+    entries[i]["resource"]["subject"] =
+        json!({"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"});
     let errs = errors(&b);
     let expr = format!("Bundle.entry[{i}].resource.subject.reference");
-    assert!(errs.iter().any(|e| e.expression.as_deref() == Some(expr.as_str()) && e.message.contains("does not resolve")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.expression.as_deref() == Some(expr.as_str())
+                && e.message.contains("does not resolve")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -236,7 +320,10 @@ fn master_code_general_name_code() {
     let v = example("MedicationRequest-ErrorExample-JP-MedReq-PO-SID-28days.json");
     let errs = errors(&v);
     assert!(
-        errs.iter().any(|i| i.message.contains("2124030F2ZZZ") && i.expression.as_deref().is_some_and(|e| e.starts_with("MedicationRequest.medicationCodeableConcept.coding"))),
+        errs.iter().any(|i| i.message.contains("2124030F2ZZZ")
+            && i.expression.as_deref().is_some_and(
+                |e| e.starts_with("MedicationRequest.medicationCodeableConcept.coding")
+            )),
         "{errs:#?}"
     );
     let ok = example("MedicationRequest-Example-JP-MedReq-PO-SID-28days.json");
@@ -247,15 +334,22 @@ fn master_code_general_name_code() {
 fn unsupported_invariant_is_a_warning_not_a_pass() {
     // a profile whose invariant uses memberOf(), which the evaluator does not implement
     let mut conf = tsunagi_validation::Conformance::builtin_r4();
-    let mut sd = conf.structure_definition("http://hl7.org/fhir/StructureDefinition/Patient").unwrap();
+    let mut sd = conf
+        .structure_definition("http://hl7.org/fhir/StructureDefinition/Patient")
+        .unwrap();
     sd["url"] = json!("http://example.org/StructureDefinition/test-patient");
     sd["derivation"] = json!("constraint");
     sd["snapshot"]["element"][0]["constraint"] = json!([{"key": "t-1", "severity": "error", "human": "gender from a value set", "expression": "gender.memberOf('http://example.org/vs')"}]);
     conf.add_resource(sd);
     let v = Validator::from_parts(conf, None);
-    let issues = v.validate(&json!({"resourceType": "Patient", "gender": "male"}), Some("http://example.org/StructureDefinition/test-patient"));
+    let issues = v.validate(
+        &json!({"resourceType": "Patient", "gender": "male"}),
+        Some("http://example.org/StructureDefinition/test-patient"),
+    );
     assert!(
-        issues.iter().any(|i| i.severity == Severity::Warning && i.message.contains("t-1") && i.message.contains("not evaluated")),
+        issues.iter().any(|i| i.severity == Severity::Warning
+            && i.message.contains("t-1")
+            && i.message.contains("not evaluated")),
         "{issues:#?}"
     );
 }
@@ -263,13 +357,29 @@ fn unsupported_invariant_is_a_warning_not_a_pass() {
 #[test]
 fn builtin_checks_structure_without_packages() {
     let v = Validator::builtin();
-    let ok = v.validate(&json!({"resourceType": "Patient", "gender": "male", "birthDate": "1970-01-01"}), None);
+    let ok = v.validate(
+        &json!({"resourceType": "Patient", "gender": "male", "birthDate": "1970-01-01"}),
+        None,
+    );
     assert!(!ok.iter().any(|i| i.severity >= Severity::Error), "{ok:#?}");
-    let issues = v.validate(&json!({"resourceType": "Patient", "gender": "man", "birthDate": "1970-13-01", "foo": 1}), None);
-    let exprs: Vec<_> = issues.iter().filter(|i| i.severity >= Severity::Error).filter_map(|i| i.expression.clone()).collect();
+    let issues = v.validate(
+        &json!({"resourceType": "Patient", "gender": "man", "birthDate": "1970-13-01", "foo": 1}),
+        None,
+    );
+    let exprs: Vec<_> = issues
+        .iter()
+        .filter(|i| i.severity >= Severity::Error)
+        .filter_map(|i| i.expression.clone())
+        .collect();
     assert!(exprs.contains(&"Patient.gender".to_string()), "{issues:#?}");
-    assert!(exprs.contains(&"Patient.birthDate".to_string()), "{issues:#?}");
+    assert!(
+        exprs.contains(&"Patient.birthDate".to_string()),
+        "{issues:#?}"
+    );
     assert!(exprs.contains(&"Patient.foo".to_string()), "{issues:#?}");
     let issues = v.validate(&json!({"resourceType": "NotAType"}), None);
-    assert!(issues.iter().any(|i| i.severity >= Severity::Error), "{issues:#?}");
+    assert!(
+        issues.iter().any(|i| i.severity >= Severity::Error),
+        "{issues:#?}"
+    );
 }
