@@ -1,1 +1,135 @@
-fn main() {}
+//! `tsunagi`: one binary for the server and the operator's tools.
+
+mod admin;
+mod demo;
+mod import;
+mod options;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use options::{DataArgs, ServeArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "tsunagi",
+    version,
+    about = "Tsunagi (つなぎ): an open implementation of Japan's National Medical Information Platform"
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "TSUNAGI_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (embedded database in --data-dir, or PostgreSQL with --database).
+    Serve(ServeArgs),
+    /// Create the fixed demo dataset if absent (see docs/DEMO.md), write DIR/demo.json, and serve it.
+    Demo(ServeArgs),
+    /// Bearer tokens (operator tool).
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Register client keys for OAuth2 client credentials (private_key_jwt).
+    #[command(subcommand)]
+    Client(admin::ClientCommand),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(admin::AuditCommand),
+    /// Bulk-load resources from NDJSON (one resource per line) with a progress bar.
+    Import(import::ImportArgs),
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_http=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match run(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Serve(args) => serve(args, false),
+        Command::Demo(args) => serve(args, true),
+        Command::Token(c) => admin::token(c),
+        Command::Client(c) => admin::client(c),
+        Command::Audit(c) => admin::audit(c),
+        Command::Import(a) => import::run(a),
+    }
+}
+
+fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
+    let mut config = args.load()?;
+    if demo && args.data.data_dir.is_none() && args.data.config.is_none() {
+        config.data_dir = "./demo-data".into();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = tsunagi_server::open_store(&config).map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
+        if demo {
+            let st = store.clone();
+            let dir = config.data_dir.clone();
+            let summary = tokio::task::spawn_blocking(move || demo::ensure(&*st, &dir)).await??;
+            eprintln!("demo dataset ready: {summary}; listing in {}", config.data_dir.join("demo.json").display());
+        }
+        let state = tsunagi_server::Builder::new(config.clone(), store).build().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, backend = state.engine.store.backend(), base_url = %state.engine.base_url, "tsunagi listening");
+        eprintln!("tsunagi listening on http://{addr} (FHIR base {})", state.engine.base_url);
+        tsunagi_server::serve(state, listener, shutdown_signal()).await?;
+        Ok::<u8, anyhow::Error>(0)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Opens the database for an operator command.
+pub fn open(
+    data: &DataArgs,
+) -> anyhow::Result<(tsunagi_server::ServerConfig, Arc<dyn tsunagi_store::Store>)> {
+    data.open()
+}
