@@ -39,11 +39,17 @@ pub enum MastersCommand {
 /// (0 ok, 1 some rows rejected or code not found).
 pub fn run_masters(args: MastersArgs) -> anyhow::Result<i32> {
     match args.command {
-        MastersCommand::Import { file, kind, data_dir } => {
+        MastersCommand::Import {
+            file,
+            kind,
+            data_dir,
+        } => {
             let pb = indicatif::ProgressBar::new(0);
             pb.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} lines")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg} [{bar:40}] {pos}/{len} lines",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             pb.set_message(format!("importing {}", file.display()));
             let report = import_with_progress(&file, kind, &data_dir, &|done, total| {
@@ -64,7 +70,11 @@ pub fn run_masters(args: MastersArgs) -> anyhow::Result<i32> {
             );
             Ok(if report.errors.is_empty() { 0 } else { 1 })
         }
-        MastersCommand::Lookup { system, code, data_dir } => {
+        MastersCommand::Lookup {
+            system,
+            code,
+            data_dir,
+        } => {
             let t = Terminology::open(&data_dir)?;
             match t.lookup(&system, &code) {
                 Some(r) => {
@@ -72,7 +82,10 @@ pub fn run_masters(args: MastersArgs) -> anyhow::Result<i32> {
                     Ok(0)
                 }
                 None => {
-                    eprintln!("{system}|{code}: not found (loaded masters: {:?})", t.loaded());
+                    eprintln!(
+                        "{system}|{code}: not found (loaded masters: {:?})",
+                        t.loaded()
+                    );
                     Ok(1)
                 }
             }

@@ -61,7 +61,10 @@ mod tests {
 
     #[test]
     fn splits() {
-        assert_eq!(split(r#""a","b,c","d""e""#).unwrap(), vec!["a", "b,c", "d\"e"]);
+        assert_eq!(
+            split(r#""a","b,c","d""e""#).unwrap(),
+            vec!["a", "b,c", "d\"e"]
+        );
         assert_eq!(split("a,,b\r").unwrap(), vec!["a", "", "b"]);
         assert!(split("\"a").is_err());
     }

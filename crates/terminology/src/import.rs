@@ -35,14 +35,30 @@ pub fn import(file: &Path, kind: MasterKind, data_dir: &Path) -> anyhow::Result<
 }
 
 /// As [`import`], calling `progress(done_lines, total_lines)` along the way.
-pub fn import_with_progress(file: &Path, kind: MasterKind, data_dir: &Path, progress: &dyn Fn(usize, usize)) -> anyhow::Result<ImportReport> {
-    let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+pub fn import_with_progress(
+    file: &Path,
+    kind: MasterKind,
+    data_dir: &Path,
+    progress: &dyn Fn(usize, usize),
+) -> anyhow::Result<ImportReport> {
+    let bytes =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let (text, encoding) = decode(&bytes);
     let mut errors = Vec::new();
     let json: Value = match kind {
-        MasterKind::Drug => serde_json::to_value(parse_rows(&text, &mut errors, progress, false, drug_row))?,
-        MasterKind::Disease => serde_json::to_value(parse_rows(&text, &mut errors, progress, false, disease_row))?,
-        MasterKind::Modifier => serde_json::to_value(parse_rows(&text, &mut errors, progress, false, modifier_row))?,
+        MasterKind::Drug => {
+            serde_json::to_value(parse_rows(&text, &mut errors, progress, false, drug_row))?
+        }
+        MasterKind::Disease => {
+            serde_json::to_value(parse_rows(&text, &mut errors, progress, false, disease_row))?
+        }
+        MasterKind::Modifier => serde_json::to_value(parse_rows(
+            &text,
+            &mut errors,
+            progress,
+            false,
+            modifier_row,
+        ))?,
         MasterKind::Jfagy => serde_json::to_value(parse_jfagy(&text, &mut errors, progress)?)?,
         MasterKind::Jlac10 => {
             if text.trim_start().starts_with('{') {
@@ -54,16 +70,25 @@ pub fn import_with_progress(file: &Path, kind: MasterKind, data_dir: &Path, prog
     };
     let imported = json.as_array().map(Vec::len).unwrap_or(0);
     if imported == 0 {
-        anyhow::bail!("{}: no valid rows for a {:?} master ({} bad lines)", file.display(), kind, errors.len());
+        anyhow::bail!(
+            "{}: no valid rows for a {:?} master ({} bad lines)",
+            file.display(),
+            kind,
+            errors.len()
+        );
     }
     let dir = store_dir(data_dir);
     std::fs::create_dir_all(&dir)?;
     // merge JLAC10 sets (core and infection come as two files)
     let json = if kind == MasterKind::Jlac10 && dir.join(kind.file_name()).is_file() {
-        let old: Vec<LabCode> = serde_json::from_slice(&std::fs::read(dir.join(kind.file_name()))?).unwrap_or_default();
+        let old: Vec<LabCode> =
+            serde_json::from_slice(&std::fs::read(dir.join(kind.file_name()))?).unwrap_or_default();
         let new: Vec<LabCode> = serde_json::from_value(json)?;
         let sets: Vec<&str> = new.iter().map(|l| l.codeset.as_str()).collect();
-        let mut merged: Vec<LabCode> = old.into_iter().filter(|l| !sets.contains(&l.codeset.as_str())).collect();
+        let mut merged: Vec<LabCode> = old
+            .into_iter()
+            .filter(|l| !sets.contains(&l.codeset.as_str()))
+            .collect();
         merged.extend(new);
         serde_json::to_value(merged)?
     } else {
@@ -72,7 +97,12 @@ pub fn import_with_progress(file: &Path, kind: MasterKind, data_dir: &Path, prog
     let tmp = dir.join(format!("{}.tmp", kind.file_name()));
     std::fs::write(&tmp, serde_json::to_vec(&json)?)?;
     std::fs::rename(&tmp, dir.join(kind.file_name()))?;
-    Ok(ImportReport { kind, encoding, imported, errors })
+    Ok(ImportReport {
+        kind,
+        encoding,
+        imported,
+        errors,
+    })
 }
 
 fn parse_rows<T>(
@@ -94,7 +124,10 @@ fn parse_rows<T>(
         }
         match split(l).and_then(|f| row(&f)) {
             Ok(r) => out.push(r),
-            Err(message) => errors.push(LineError { line: i + 1, message }),
+            Err(message) => errors.push(LineError {
+                line: i + 1,
+                message,
+            }),
         }
     }
     progress(total, total);
@@ -105,17 +138,31 @@ fn cols(f: &[String], allowed: &[usize]) -> Result<(), String> {
     if allowed.contains(&f.len()) {
         Ok(())
     } else {
-        Err(format!("expected {} columns, found {}", allowed.iter().map(usize::to_string).collect::<Vec<_>>().join(" or "), f.len()))
+        Err(format!(
+            "expected {} columns, found {}",
+            allowed
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            f.len()
+        ))
     }
 }
 
 fn drug_row(f: &[String]) -> Result<Drug, String> {
     cols(f, &[40, 42])?;
     if f[1] != "Y" {
-        return Err(format!("column 2 (マスター種別) must be 'Y' for the drug master, found '{}'", f[1]));
+        return Err(format!(
+            "column 2 (マスター種別) must be 'Y' for the drug master, found '{}'",
+            f[1]
+        ));
     }
     if !digits(&f[2], 9) {
-        return Err(format!("column 3 (医薬品コード) must be 9 digits, found '{}'", f[2]));
+        return Err(format!(
+            "column 3 (医薬品コード) must be 9 digits, found '{}'",
+            f[2]
+        ));
     }
     Ok(Drug {
         receipt_code: f[2].clone(),
@@ -134,13 +181,22 @@ fn drug_row(f: &[String]) -> Result<Drug, String> {
 fn disease_row(f: &[String]) -> Result<Disease, String> {
     cols(f, &[46])?;
     if f[1] != "B" {
-        return Err(format!("column 2 (マスター種別) must be 'B' for the disease master, found '{}'", f[1]));
+        return Err(format!(
+            "column 2 (マスター種別) must be 'B' for the disease master, found '{}'",
+            f[1]
+        ));
     }
     if !digits(&f[2], 7) {
-        return Err(format!("column 3 (傷病名コード) must be 7 digits, found '{}'", f[2]));
+        return Err(format!(
+            "column 3 (傷病名コード) must be 7 digits, found '{}'",
+            f[2]
+        ));
     }
     if !f[10].is_empty() && !digits(&f[10], 8) {
-        return Err(format!("column 11 (病名管理番号) must be 8 digits, found '{}'", f[10]));
+        return Err(format!(
+            "column 11 (病名管理番号) must be 8 digits, found '{}'",
+            f[10]
+        ));
     }
     Ok(Disease {
         code: f[2].clone(),
@@ -157,12 +213,25 @@ fn disease_row(f: &[String]) -> Result<Disease, String> {
 fn modifier_row(f: &[String]) -> Result<Modifier, String> {
     cols(f, &[19])?;
     if f[1] != "Z" {
-        return Err(format!("column 2 (マスター種別) must be 'Z' for the modifier master, found '{}'", f[1]));
+        return Err(format!(
+            "column 2 (マスター種別) must be 'Z' for the modifier master, found '{}'",
+            f[1]
+        ));
     }
     if !digits(&f[2], 4) {
-        return Err(format!("column 3 (修飾語コード) must be 4 digits, found '{}'", f[2]));
+        return Err(format!(
+            "column 3 (修飾語コード) must be 4 digits, found '{}'",
+            f[2]
+        ));
     }
-    Ok(Modifier { code: f[2].clone(), name: f[6].clone(), kana: f[9].clone(), key_number: f[16].clone(), exchange_code: f[17].clone(), class: f[18].clone() })
+    Ok(Modifier {
+        code: f[2].clone(),
+        name: f[6].clone(),
+        kana: f[9].clone(),
+        key_number: f[16].clone(),
+        exchange_code: f[17].clone(),
+        class: f[18].clone(),
+    })
 }
 
 fn header_index(text: &str, names: &[&str]) -> anyhow::Result<Vec<usize>> {
@@ -170,12 +239,31 @@ fn header_index(text: &str, names: &[&str]) -> anyhow::Result<Vec<usize>> {
     let h = split(first).map_err(|e| anyhow::anyhow!("header: {e}"))?;
     names
         .iter()
-        .map(|n| h.iter().position(|x| x.trim() == *n).ok_or_else(|| anyhow::anyhow!("header has no column '{n}' (found: {})", h.join(","))))
+        .map(|n| {
+            h.iter().position(|x| x.trim() == *n).ok_or_else(|| {
+                anyhow::anyhow!("header has no column '{n}' (found: {})", h.join(","))
+            })
+        })
         .collect()
 }
 
-fn parse_jfagy(text: &str, errors: &mut Vec<LineError>, progress: &dyn Fn(usize, usize)) -> anyhow::Result<Vec<Allergen>> {
-    let ix = header_index(text, &["JFAGYCODE", "JPTERM", "JPKANA", "ENTERM", "LEVEL", "MAINFLAG", "CXGCATEGORY"])?;
+fn parse_jfagy(
+    text: &str,
+    errors: &mut Vec<LineError>,
+    progress: &dyn Fn(usize, usize),
+) -> anyhow::Result<Vec<Allergen>> {
+    let ix = header_index(
+        text,
+        &[
+            "JFAGYCODE",
+            "JPTERM",
+            "JPKANA",
+            "ENTERM",
+            "LEVEL",
+            "MAINFLAG",
+            "CXGCATEGORY",
+        ],
+    )?;
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
     for (i, l) in lines.iter().enumerate().skip(1) {
@@ -186,9 +274,16 @@ fn parse_jfagy(text: &str, errors: &mut Vec<LineError>, progress: &dyn Fn(usize,
             continue;
         }
         let r = split(l).and_then(|f| {
-            let g = |k: usize| f.get(ix[k]).cloned().ok_or_else(|| format!("missing column {}", ix[k] + 1));
+            let g = |k: usize| {
+                f.get(ix[k])
+                    .cloned()
+                    .ok_or_else(|| format!("missing column {}", ix[k] + 1))
+            };
             let code = g(0)?;
-            if code.is_empty() || code.len() > 12 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            if code.is_empty()
+                || code.len() > 12
+                || !code.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
                 return Err(format!("JFAGYCODE '{code}' is not a J-FAGY code"));
             }
             Ok(Allergen {
@@ -196,22 +291,42 @@ fn parse_jfagy(text: &str, errors: &mut Vec<LineError>, progress: &dyn Fn(usize,
                 term: g(1)?,
                 kana: g(2)?,
                 english: g(3)?,
-                level: g(4)?.parse().map_err(|_| "LEVEL is not a number".to_string())?,
+                level: g(4)?
+                    .parse()
+                    .map_err(|_| "LEVEL is not a number".to_string())?,
                 major: g(5)? == "1",
                 deleted: g(6)? == "3",
             })
         });
         match r {
             Ok(a) => out.push(a),
-            Err(message) => errors.push(LineError { line: i + 1, message }),
+            Err(message) => errors.push(LineError {
+                line: i + 1,
+                message,
+            }),
         }
     }
     progress(lines.len(), lines.len());
     Ok(out)
 }
 
-fn parse_jlac10_csv(text: &str, errors: &mut Vec<LineError>, progress: &dyn Fn(usize, usize)) -> anyhow::Result<Vec<LabCode>> {
-    let ix = header_index(text, &["codeset", "group_code", "jlac10_code", "display", "display_ja", "specimen", "method"])?;
+fn parse_jlac10_csv(
+    text: &str,
+    errors: &mut Vec<LineError>,
+    progress: &dyn Fn(usize, usize),
+) -> anyhow::Result<Vec<LabCode>> {
+    let ix = header_index(
+        text,
+        &[
+            "codeset",
+            "group_code",
+            "jlac10_code",
+            "display",
+            "display_ja",
+            "specimen",
+            "method",
+        ],
+    )?;
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
     for (i, l) in lines.iter().enumerate().skip(1) {
@@ -222,16 +337,31 @@ fn parse_jlac10_csv(text: &str, errors: &mut Vec<LineError>, progress: &dyn Fn(u
             progress(i, lines.len());
         }
         let r = split(l).and_then(|f| {
-            let g = |k: usize| f.get(ix[k]).cloned().ok_or_else(|| format!("missing column {}", ix[k] + 1));
+            let g = |k: usize| {
+                f.get(ix[k])
+                    .cloned()
+                    .ok_or_else(|| format!("missing column {}", ix[k] + 1))
+            };
             let code = g(2)?;
             if code.len() != 17 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return Err(format!("'{code}' is not a 17-character JLAC10 code"));
             }
-            Ok(LabCode { code, codeset: g(0)?, group: g(1)?, display: g(3)?, item_name: g(4)?, specimen: g(5)?, method: g(6)? })
+            Ok(LabCode {
+                code,
+                codeset: g(0)?,
+                group: g(1)?,
+                display: g(3)?,
+                item_name: g(4)?,
+                specimen: g(5)?,
+                method: g(6)?,
+            })
         });
         match r {
             Ok(a) => out.push(a),
-            Err(message) => errors.push(LineError { line: i + 1, message }),
+            Err(message) => errors.push(LineError {
+                line: i + 1,
+                message,
+            }),
         }
     }
     Ok(out)
@@ -248,14 +378,31 @@ fn parse_jlac10_codesystem(text: &str) -> anyhow::Result<Vec<LabCode>> {
         anyhow::bail!("CodeSystem {url} is not a JP-CLINS JLAC10 lab item set");
     };
     let mut out = Vec::new();
-    for g in cs.get("concept").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]) {
-        let group = g.get("code").and_then(Value::as_str).unwrap_or("").to_string();
-        for c in g.get("concept").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]) {
+    for g in cs
+        .get("concept")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let group = g
+            .get("code")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        for c in g
+            .get("concept")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
             let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
             let prop = |k: &str| {
                 c.get("property")
                     .and_then(Value::as_array)
-                    .and_then(|a| a.iter().find(|p| p.get("code").and_then(Value::as_str) == Some(k)))
+                    .and_then(|a| {
+                        a.iter()
+                            .find(|p| p.get("code").and_then(Value::as_str) == Some(k))
+                    })
                     .and_then(|p| p.get("valueString").or_else(|| p.get("valueCode")))
                     .and_then(Value::as_str)
                     .unwrap_or("")
@@ -264,12 +411,23 @@ fn parse_jlac10_codesystem(text: &str) -> anyhow::Result<Vec<LabCode>> {
             let ja = c
                 .get("designation")
                 .and_then(Value::as_array)
-                .and_then(|a| a.iter().find(|d| d.get("language").and_then(Value::as_str) == Some("ja")))
+                .and_then(|a| {
+                    a.iter()
+                        .find(|d| d.get("language").and_then(Value::as_str) == Some("ja"))
+                })
                 .and_then(|d| d.get("value"))
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            out.push(LabCode { code: s("code"), codeset: codeset.into(), group: group.clone(), display: s("display"), item_name: ja, specimen: prop("specimen"), method: prop("method") });
+            out.push(LabCode {
+                code: s("code"),
+                codeset: codeset.into(),
+                group: group.clone(),
+                display: s("display"),
+                item_name: ja,
+                specimen: prop("specimen"),
+                method: prop("method"),
+            });
         }
     }
     Ok(out)

@@ -40,7 +40,10 @@ pub mod systems {
         "http://jpfhir.jp/fhir/core/CodeSystem/JP_MedicationCodeYJ_CS",
     ];
     /// 一般名処方マスタ code.
-    pub const GENERAL_NAME: &[&str] = &["urn:oid:1.2.392.100495.20.1.81", "http://jpfhir.jp/fhir/core/mhlw/CodeSystem/MedicationGeneralOrderCode"];
+    pub const GENERAL_NAME: &[&str] = &[
+        "urn:oid:1.2.392.100495.20.1.81",
+        "http://jpfhir.jp/fhir/core/mhlw/CodeSystem/MedicationGeneralOrderCode",
+    ];
     /// 傷病名コード (claims disease code, 7 digits). No canonical URI for it was found
     /// in the loaded IGs, so a Tsunagi-local URI is used until one is confirmed.
     pub const DISEASE_RECEIPT: &[&str] = &["urn:tsunagi:ssk:disease-code"];
@@ -49,13 +52,17 @@ pub mod systems {
     /// 病名管理番号 (MEDIS standard disease-name key number).
     pub const DISEASE_KEY: &[&str] = &["http://medis.or.jp/CodeSystem/master-disease-keyNumber"];
     /// 修飾語管理番号 (MEDIS modifier key number).
-    pub const MODIFIER_KEY: &[&str] = &["http://medis.or.jp/CodeSystem/master-disease-modKeyNumber"];
+    pub const MODIFIER_KEY: &[&str] =
+        &["http://medis.or.jp/CodeSystem/master-disease-modKeyNumber"];
     /// JP-CLINS JLAC10 lab item sets (core 43 items, infection items).
-    pub const JLAC10_CORE: &str = "http://jpfhir.jp/fhir/clins/CodeSystem/JLAC10/JP_CLINS_ObsLabResult_CoreLabo_CS";
-    pub const JLAC10_INFECTION: &str = "http://jpfhir.jp/fhir/clins/CodeSystem/JLAC10/JP_CLINS_ObsLabResult_InfectionLabo_CS";
+    pub const JLAC10_CORE: &str =
+        "http://jpfhir.jp/fhir/clins/CodeSystem/JLAC10/JP_CLINS_ObsLabResult_CoreLabo_CS";
+    pub const JLAC10_INFECTION: &str =
+        "http://jpfhir.jp/fhir/clins/CodeSystem/JLAC10/JP_CLINS_ObsLabResult_InfectionLabo_CS";
     /// J-FAGY food / non-food allergens.
     pub const JFAGY_FOOD: &str = "http://jpfhir.jp/fhir/core/CodeSystem/JP_JfagyFoodAllergen_CS";
-    pub const JFAGY_NON_FOOD: &str = "http://jpfhir.jp/fhir/core/CodeSystem/JP_JfagyNonFoodNonMedicationAllergen_CS";
+    pub const JFAGY_NON_FOOD: &str =
+        "http://jpfhir.jp/fhir/core/CodeSystem/JP_JfagyNonFoodNonMedicationAllergen_CS";
 }
 
 /// The kinds of master `tsunagi masters import` accepts.
@@ -167,7 +174,10 @@ pub struct LookupResult {
 impl LookupResult {
     /// As a FHIR `Parameters` resource (the `$lookup` response).
     pub fn to_parameters(&self) -> Value {
-        let mut p = vec![json!({"name": "name", "valueString": self.system}), json!({"name": "display", "valueString": self.display})];
+        let mut p = vec![
+            json!({"name": "name", "valueString": self.system}),
+            json!({"name": "display", "valueString": self.display}),
+        ];
         for (k, v) in &self.properties {
             p.push(json!({"name": "property", "part": [{"name": "code", "valueCode": k}, {"name": "value", "valueString": v}]}));
         }
@@ -223,12 +233,19 @@ impl Terminology {
     pub fn open(data_dir: &Path) -> anyhow::Result<Terminology> {
         let dir = store_dir(data_dir);
         let mut t = Terminology::default();
-        for kind in [MasterKind::Drug, MasterKind::Disease, MasterKind::Modifier, MasterKind::Jlac10, MasterKind::Jfagy] {
+        for kind in [
+            MasterKind::Drug,
+            MasterKind::Disease,
+            MasterKind::Modifier,
+            MasterKind::Jlac10,
+            MasterKind::Jfagy,
+        ] {
             let p = dir.join(kind.file_name());
             if !p.is_file() {
                 continue;
             }
-            let bytes = std::fs::read(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            let bytes = std::fs::read(&p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
             match kind {
                 MasterKind::Drug => t.set_drugs(serde_json::from_slice(&bytes)?),
                 MasterKind::Disease => t.set_diseases(serde_json::from_slice(&bytes)?),
@@ -257,10 +274,15 @@ impl Terminology {
         self.general_names.clear();
         for d in rows {
             if !d.yj_code.is_empty() {
-                self.drugs_by_yj.entry(d.yj_code.clone()).or_default().push(d.receipt_code.clone());
+                self.drugs_by_yj
+                    .entry(d.yj_code.clone())
+                    .or_default()
+                    .push(d.receipt_code.clone());
             }
             if !d.general_code.is_empty() {
-                self.general_names.entry(d.general_code.clone()).or_insert_with(|| d.general_name.clone());
+                self.general_names
+                    .entry(d.general_code.clone())
+                    .or_insert_with(|| d.general_name.clone());
             }
             self.drugs.insert(d.receipt_code.clone(), d);
         }
@@ -272,10 +294,14 @@ impl Terminology {
         self.diseases_by_exchange.clear();
         for d in rows {
             if !d.exchange_code.is_empty() {
-                self.diseases_by_exchange.entry(d.exchange_code.clone()).or_default().push(d.code.clone());
+                self.diseases_by_exchange
+                    .entry(d.exchange_code.clone())
+                    .or_default()
+                    .push(d.code.clone());
             }
             if !d.key_number.is_empty() {
-                self.diseases_by_key.insert(d.key_number.clone(), d.code.clone());
+                self.diseases_by_key
+                    .insert(d.key_number.clone(), d.code.clone());
             }
             self.diseases.insert(d.code.clone(), d);
         }
@@ -286,7 +312,8 @@ impl Terminology {
         self.modifiers_by_key.clear();
         for m in rows {
             if !m.key_number.is_empty() {
-                self.modifiers_by_key.insert(m.key_number.clone(), m.code.clone());
+                self.modifiers_by_key
+                    .insert(m.key_number.clone(), m.code.clone());
             }
             self.modifiers.insert(m.code.clone(), m);
         }
@@ -309,7 +336,10 @@ impl Terminology {
     }
     /// Drugs whose 薬価基準収載医薬品コード is `yj`.
     pub fn drugs_by_yj(&self, yj: &str) -> Vec<&Drug> {
-        self.drugs_by_yj.get(yj).map(|v| v.iter().filter_map(|c| self.drugs.get(c)).collect()).unwrap_or_default()
+        self.drugs_by_yj
+            .get(yj)
+            .map(|v| v.iter().filter_map(|c| self.drugs.get(c)).collect())
+            .unwrap_or_default()
     }
     /// 一般名処方の標準的な記載 for a 一般名コード.
     pub fn general_name(&self, code: &str) -> Option<&str> {
@@ -321,25 +351,39 @@ impl Terminology {
     }
     /// Disease by 病名管理番号.
     pub fn disease_by_key(&self, key_number: &str) -> Option<&Disease> {
-        self.diseases_by_key.get(key_number).and_then(|c| self.diseases.get(c))
+        self.diseases_by_key
+            .get(key_number)
+            .and_then(|c| self.diseases.get(c))
     }
     /// Diseases sharing a 病名交換用コード.
     pub fn diseases_by_exchange_code(&self, exchange: &str) -> Vec<&Disease> {
-        self.diseases_by_exchange.get(exchange).map(|v| v.iter().filter_map(|c| self.diseases.get(c)).collect()).unwrap_or_default()
+        self.diseases_by_exchange
+            .get(exchange)
+            .map(|v| v.iter().filter_map(|c| self.diseases.get(c)).collect())
+            .unwrap_or_default()
     }
     /// 傷病名コード → 病名管理番号.
     pub fn disease_key_number(&self, code: &str) -> Option<&str> {
-        self.diseases.get(code).map(|d| d.key_number.as_str()).filter(|s| !s.is_empty())
+        self.diseases
+            .get(code)
+            .map(|d| d.key_number.as_str())
+            .filter(|s| !s.is_empty())
     }
     /// 傷病名コード or 病名管理番号 → ICD-10 (2013), without a dot (`I10`, `E119`).
     pub fn icd10(&self, code_or_key: &str) -> Option<&str> {
-        self.diseases.get(code_or_key).or_else(|| self.disease_by_key(code_or_key)).map(|d| d.icd10.as_str()).filter(|s| !s.is_empty())
+        self.diseases
+            .get(code_or_key)
+            .or_else(|| self.disease_by_key(code_or_key))
+            .map(|d| d.icd10.as_str())
+            .filter(|s| !s.is_empty())
     }
     pub fn modifier(&self, code: &str) -> Option<&Modifier> {
         self.modifiers.get(code)
     }
     pub fn modifier_by_key(&self, key: &str) -> Option<&Modifier> {
-        self.modifiers_by_key.get(key).and_then(|c| self.modifiers.get(c))
+        self.modifiers_by_key
+            .get(key)
+            .and_then(|c| self.modifiers.get(c))
     }
     /// A JLAC10 code of the sharing service's lab item sets.
     pub fn lab_code(&self, code: &str) -> Option<&LabCode> {
@@ -356,7 +400,11 @@ impl Terminology {
 
     /// The drugs a brand-unspecified code (一般名コード `...ZZZ`) stands for.
     pub fn drugs_for_general_code(&self, code: &str) -> Vec<&Drug> {
-        let mut v: Vec<&Drug> = self.drugs.values().filter(|d| d.general_code == code).collect();
+        let mut v: Vec<&Drug> = self
+            .drugs
+            .values()
+            .filter(|d| d.general_code == code)
+            .collect();
         v.sort_by(|a, b| a.receipt_code.cmp(&b.receipt_code));
         v
     }
@@ -365,9 +413,15 @@ impl Terminology {
 
     /// Which master a system URI belongs to, if it is loaded.
     pub fn master_of(&self, system: &str) -> Option<MasterKind> {
-        let k = if systems::DRUG_RECEIPT.contains(&system) || systems::YJ.contains(&system) || systems::GENERAL_NAME.contains(&system) {
+        let k = if systems::DRUG_RECEIPT.contains(&system)
+            || systems::YJ.contains(&system)
+            || systems::GENERAL_NAME.contains(&system)
+        {
             MasterKind::Drug
-        } else if systems::DISEASE_RECEIPT.contains(&system) || systems::DISEASE_KEY.contains(&system) || systems::DISEASE_EXCHANGE.contains(&system) {
+        } else if systems::DISEASE_RECEIPT.contains(&system)
+            || systems::DISEASE_KEY.contains(&system)
+            || systems::DISEASE_EXCHANGE.contains(&system)
+        {
             MasterKind::Disease
         } else if systems::MODIFIER_KEY.contains(&system) {
             MasterKind::Modifier
@@ -389,21 +443,43 @@ impl Terminology {
             system: system.to_string(),
             code: code.to_string(),
             display: display.to_string(),
-            properties: props.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            properties: props
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         match kind {
             MasterKind::Drug if systems::DRUG_RECEIPT.contains(&system) => {
                 let d = self.drug(code)?;
-                Some(r(&d.name, vec![("yjCode", &d.yj_code), ("generalCode", &d.general_code), ("unit", &d.unit), ("price", &d.price)]))
+                Some(r(
+                    &d.name,
+                    vec![
+                        ("yjCode", &d.yj_code),
+                        ("generalCode", &d.general_code),
+                        ("unit", &d.unit),
+                        ("price", &d.price),
+                    ],
+                ))
             }
             MasterKind::Drug if systems::GENERAL_NAME.contains(&system) => {
                 let n = self.general_name(code)?;
-                Some(r(n, vec![("ingredient", yj::ingredient(code).unwrap_or(""))]))
+                Some(r(
+                    n,
+                    vec![("ingredient", yj::ingredient(code).unwrap_or(""))],
+                ))
             }
             MasterKind::Drug => {
                 let ds = self.drugs_by_yj(code);
                 let d = ds.first()?;
-                Some(r(&d.name, vec![("receiptCode", &d.receipt_code), ("generalCode", &d.general_code), ("ingredient", yj::ingredient(code).unwrap_or(""))]))
+                Some(r(
+                    &d.name,
+                    vec![
+                        ("receiptCode", &d.receipt_code),
+                        ("generalCode", &d.general_code),
+                        ("ingredient", yj::ingredient(code).unwrap_or("")),
+                    ],
+                ))
             }
             MasterKind::Disease => {
                 let d = if systems::DISEASE_KEY.contains(&system) {
@@ -413,24 +489,54 @@ impl Terminology {
                 } else {
                     self.disease(code)?
                 };
-                Some(r(&d.name, vec![("diseaseCode", &d.code), ("keyNumber", &d.key_number), ("icd10", &d.icd10), ("icd10Secondary", &d.icd10_secondary), ("kana", &d.kana)]))
+                Some(r(
+                    &d.name,
+                    vec![
+                        ("diseaseCode", &d.code),
+                        ("keyNumber", &d.key_number),
+                        ("icd10", &d.icd10),
+                        ("icd10Secondary", &d.icd10_secondary),
+                        ("kana", &d.kana),
+                    ],
+                ))
             }
             MasterKind::Modifier => {
                 let m = self.modifier_by_key(code).or_else(|| self.modifier(code))?;
-                Some(r(&m.name, vec![("modifierCode", &m.code), ("keyNumber", &m.key_number), ("class", &m.class)]))
+                Some(r(
+                    &m.name,
+                    vec![
+                        ("modifierCode", &m.code),
+                        ("keyNumber", &m.key_number),
+                        ("class", &m.class),
+                    ],
+                ))
             }
             MasterKind::Jlac10 => {
                 let l = self.lab_code(code)?;
-                let want = if system == systems::JLAC10_CORE { "corelabo" } else { "infectionlabo" };
+                let want = if system == systems::JLAC10_CORE {
+                    "corelabo"
+                } else {
+                    "infectionlabo"
+                };
                 if l.codeset != want {
                     return None;
                 }
-                Some(r(&l.display, vec![("group", &l.group), ("itemName", &l.item_name), ("specimen", &l.specimen), ("method", &l.method)]))
+                Some(r(
+                    &l.display,
+                    vec![
+                        ("group", &l.group),
+                        ("itemName", &l.item_name),
+                        ("specimen", &l.specimen),
+                        ("method", &l.method),
+                    ],
+                ))
             }
             MasterKind::Jfagy => {
                 let a = self.allergen(code)?;
                 let food = system == systems::JFAGY_FOOD;
-                if (food && !a.code.starts_with("J9F") && !a.code.starts_with("D9F")) || (!food && !a.code.starts_with("J9N") && !a.code.starts_with("D9N")) {
+                if (food && !a.code.starts_with("J9F") && !a.code.starts_with("D9F"))
+                    || (!food && !a.code.starts_with("J9N") && !a.code.starts_with("D9N"))
+                {
                     return None;
                 }
                 Some(r(&a.term, vec![("english", &a.english), ("kana", &a.kana)]))
@@ -439,16 +545,38 @@ impl Terminology {
     }
 
     /// `CodeSystem/$validate-code`. `None` when the system is not a loaded master.
-    pub fn validate_code(&self, system: &str, code: &str, display: Option<&str>) -> Option<ValidateCodeResult> {
+    pub fn validate_code(
+        &self,
+        system: &str,
+        code: &str,
+        display: Option<&str>,
+    ) -> Option<ValidateCodeResult> {
         self.master_of(system)?;
         Some(match self.lookup(system, code) {
-            None => ValidateCodeResult { result: false, display: None, message: Some(format!("Code '{code}' is not in the {} master", self.master_name(system).unwrap_or_default())) },
+            None => ValidateCodeResult {
+                result: false,
+                display: None,
+                message: Some(format!(
+                    "Code '{code}' is not in the {} master",
+                    self.master_name(system).unwrap_or_default()
+                )),
+            },
             Some(l) => {
                 if let Some(a) = self.allergen(code).filter(|a| a.deleted) {
-                    return Some(ValidateCodeResult { result: false, display: Some(l.display), message: Some(format!("J-FAGY code '{}' has been deleted", a.code)) });
+                    return Some(ValidateCodeResult {
+                        result: false,
+                        display: Some(l.display),
+                        message: Some(format!("J-FAGY code '{}' has been deleted", a.code)),
+                    });
                 }
-                let msg = display.filter(|d| *d != l.display).map(|d| format!("Display '{d}' differs from the master's '{}'", l.display));
-                ValidateCodeResult { result: true, display: Some(l.display), message: msg }
+                let msg = display
+                    .filter(|d| *d != l.display)
+                    .map(|d| format!("Display '{d}' differs from the master's '{}'", l.display));
+                ValidateCodeResult {
+                    result: true,
+                    display: Some(l.display),
+                    message: msg,
+                }
             }
         })
     }
@@ -457,7 +585,9 @@ impl Terminology {
     pub fn master_name(&self, system: &str) -> Option<String> {
         Some(
             match self.master_of(system)? {
-                MasterKind::Drug if systems::GENERAL_NAME.contains(&system) => "drug master (一般名コード)",
+                MasterKind::Drug if systems::GENERAL_NAME.contains(&system) => {
+                    "drug master (一般名コード)"
+                }
                 MasterKind::Drug if systems::YJ.contains(&system) => "drug master (YJ code)",
                 MasterKind::Drug => "drug master (レセプト電算コード)",
                 MasterKind::Disease => "disease-name master",

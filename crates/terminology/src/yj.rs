@@ -19,7 +19,9 @@ pub fn is_yj(code: &str) -> bool {
     b.len() == 12
         && b[..7].iter().all(u8::is_ascii_digit)
         && b[7].is_ascii_uppercase()
-        && b[8..12].iter().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
+        && b[8..12]
+            .iter()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
         && !is_general(code)
 }
 
@@ -35,12 +37,20 @@ pub fn is_general(code: &str) -> bool {
 
 /// The ingredient part (薬効分類 + 成分, 7 digits) of a YJ or 一般名コード.
 pub fn ingredient(code: &str) -> Option<&str> {
-    if is_yj(code) || is_general(code) { Some(&code[..7]) } else { None }
+    if is_yj(code) || is_general(code) {
+        Some(&code[..7])
+    } else {
+        None
+    }
 }
 
 /// The ingredient + dosage-form part (8 characters).
 pub fn ingredient_and_form(code: &str) -> Option<&str> {
-    if is_yj(code) || is_general(code) { Some(&code[..8]) } else { None }
+    if is_yj(code) || is_general(code) {
+        Some(&code[..8])
+    } else {
+        None
+    }
 }
 
 /// The brand-unspecified code a YJ code falls under by structure (first 9 + `ZZZ`).
@@ -54,7 +64,11 @@ pub fn general_covers(general: &str, yj: &str) -> bool {
     if !is_general(general) || !is_yj(yj) {
         return false;
     }
-    if general.as_bytes()[8].is_ascii_digit() { general[..9] == yj[..9] } else { general[..8] == yj[..8] }
+    if general.as_bytes()[8].is_ascii_digit() {
+        general[..9] == yj[..9]
+    } else {
+        general[..8] == yj[..8]
+    }
 }
 
 /// Same ingredient (for duplicate-medication checks)?
@@ -73,7 +87,10 @@ mod tests {
         assert!(is_general("2325003B2ZZZ"));
         assert!(is_general("2339178BAZZZ"));
         assert_eq!(ingredient("2325003B2029"), Some("2325003"));
-        assert_eq!(general_code_of("2325003B2029").as_deref(), Some("2325003B2ZZZ"));
+        assert_eq!(
+            general_code_of("2325003B2029").as_deref(),
+            Some("2325003B2ZZZ")
+        );
         assert!(general_covers("2325003B2ZZZ", "2325003B2029"));
         assert!(general_covers("2339178BAZZZ", "2339178B1040"));
         assert!(!general_covers("2325003B2ZZZ", "2325003B1029"));
