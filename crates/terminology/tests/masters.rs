@@ -6,7 +6,11 @@ use tsunagi_terminology::{MasterKind, Terminology, import, systems, yj};
 
 fn shared(rel: &str) -> PathBuf {
     let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")).join(rel);
-    assert!(p.exists(), "reference data missing: {} (tests read ../shared relative to the repository root)", p.display());
+    assert!(
+        p.exists(),
+        "reference data missing: {} (tests read ../shared relative to the repository root)",
+        p.display()
+    );
     p
 }
 
@@ -28,13 +32,29 @@ fn import_all() -> Terminology {
         ("masters/drug-master-y.csv", MasterKind::Drug, 19_686),
         ("masters/disease-master-b.csv", MasterKind::Disease, 27_437),
         ("masters/modifier-master-z.csv", MasterKind::Modifier, 2_375),
-        ("codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-corelabo-cs.json", MasterKind::Jlac10, 437),
-        ("codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-infectionlabo-cs.json", MasterKind::Jlac10, 255),
-        ("codesets/jfagy/JFAGY_J9FN_20250401_R01.csv", MasterKind::Jfagy, 1_738),
+        (
+            "codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-corelabo-cs.json",
+            MasterKind::Jlac10,
+            437,
+        ),
+        (
+            "codesets/jp-clins-1.5.2/CodeSystem-jp-clins-codesystem-JLAC10-infectionlabo-cs.json",
+            MasterKind::Jlac10,
+            255,
+        ),
+        (
+            "codesets/jfagy/JFAGY_J9FN_20250401_R01.csv",
+            MasterKind::Jfagy,
+            1_738,
+        ),
     ];
     for (f, k, rows) in files {
         let r = import(&shared(f), k, &d).unwrap();
-        assert!(r.errors.is_empty(), "{f}: {:?}", &r.errors[..r.errors.len().min(5)]);
+        assert!(
+            r.errors.is_empty(),
+            "{f}: {:?}",
+            &r.errors[..r.errors.len().min(5)]
+        );
         assert_eq!(r.imported, rows, "{f}");
         assert_eq!(r.encoding, "UTF-8");
     }
@@ -49,20 +69,38 @@ fn drug_master_lookups() {
     assert_eq!(d.yj_code, "2325003B2029");
     assert_eq!(d.general_code, "2325003B2ZZZ");
     assert_eq!(d.unit, "ｇ");
-    assert_eq!(t.general_name("2325003B2ZZZ"), Some("【般】ファモチジン散２％"));
+    assert_eq!(
+        t.general_name("2325003B2ZZZ"),
+        Some("【般】ファモチジン散２％")
+    );
     // six claims codes share that generic-name code
     assert_eq!(t.drugs_for_general_code("2325003B2ZZZ").len(), 6);
     assert_eq!(Terminology::yj_ingredient("2325003B2029"), Some("2325003"));
     // the intentional error example's code does not exist; the right one does
     let general = systems::GENERAL_NAME[1];
-    assert!(!t.validate_code(general, "2124030F2ZZZ", None).unwrap().result);
-    assert!(t.validate_code(general, "1124030F2ZZZ", None).unwrap().result);
+    assert!(
+        !t.validate_code(general, "2124030F2ZZZ", None)
+            .unwrap()
+            .result
+    );
+    assert!(
+        t.validate_code(general, "1124030F2ZZZ", None)
+            .unwrap()
+            .result
+    );
     let l = t.lookup(systems::DRUG_RECEIPT[0], "610406079").unwrap();
     assert_eq!(l.display, "ガスター散２％");
-    assert!(l.properties.iter().any(|(k, v)| k == "yjCode" && v == "2325003B2029"));
+    assert!(
+        l.properties
+            .iter()
+            .any(|(k, v)| k == "yjCode" && v == "2325003B2029")
+    );
     // brand-unspecified rule against the master
     for d in t.drugs_for_general_code("2339178BAZZZ") {
-        assert!(yj::general_covers("2339178BAZZZ", &d.yj_code) || d.yj_code.is_empty(), "{d:?}");
+        assert!(
+            yj::general_covers("2339178BAZZZ", &d.yj_code) || d.yj_code.is_empty(),
+            "{d:?}"
+        );
     }
 }
 
@@ -79,7 +117,10 @@ fn disease_master_chain_code_key_icd10() {
     assert_eq!(l.display, "高血圧症");
     assert!(l.properties.iter().any(|(k, v)| k == "icd10" && v == "I10"));
     assert!(t.lookup(systems::DISEASE_EXCHANGE[0], "UHGQ").is_some());
-    assert!(t.validate_code(systems::DISEASE_KEY[0], "99999999", None).is_some_and(|r| !r.result));
+    assert!(
+        t.validate_code(systems::DISEASE_KEY[0], "99999999", None)
+            .is_some_and(|r| !r.result)
+    );
 }
 
 #[test]
@@ -91,15 +132,31 @@ fn modifier_jlac10_and_jfagy() {
     let lab = t.lab_code("3A015000002329101").unwrap();
     assert_eq!(lab.group, "ALB");
     assert_eq!(lab.item_name, "アルブミン");
-    assert!(t.validate_code(systems::JLAC10_CORE, "3A015000002329101", None).unwrap().result);
+    assert!(
+        t.validate_code(systems::JLAC10_CORE, "3A015000002329101", None)
+            .unwrap()
+            .result
+    );
     // a core code is not an infection code
-    assert!(!t.validate_code(systems::JLAC10_INFECTION, "3A015000002329101", None).unwrap().result);
+    assert!(
+        !t.validate_code(systems::JLAC10_INFECTION, "3A015000002329101", None)
+            .unwrap()
+            .result
+    );
     let a = t.lookup(systems::JFAGY_FOOD, "J9FC11310000").unwrap();
     assert_eq!(a.display, "さば");
     assert!(t.lookup(systems::JFAGY_FOOD, "J9FA32540000").is_some());
-    let v = t.validate_code(systems::JFAGY_FOOD, "J9FC11310000", Some("サバ")).unwrap();
-    assert!(v.result && v.message.is_some(), "display mismatch is reported: {v:?}");
-    assert!(t.validate_code("http://example.org/unknown", "x", None).is_none());
+    let v = t
+        .validate_code(systems::JFAGY_FOOD, "J9FC11310000", Some("サバ"))
+        .unwrap();
+    assert!(
+        v.result && v.message.is_some(),
+        "display mismatch is reported: {v:?}"
+    );
+    assert!(
+        t.validate_code("http://example.org/unknown", "x", None)
+            .is_none()
+    );
 }
 
 #[test]
@@ -120,9 +177,23 @@ fn shift_jis_input_and_bad_lines_are_reported_by_line() {
     let bad: Vec<usize> = r.errors.iter().map(|e| e.line).collect();
     assert_eq!(bad, vec![10, 20], "{:?}", r.errors);
     let t = Terminology::open(&d).unwrap();
-    let first = text.lines().next().unwrap().split(',').nth(2).unwrap().trim_matches('"').to_string();
+    let first = text
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
     assert!(t.disease(&first).is_some());
-    assert!(t.disease(&first).unwrap().name.chars().all(|c| c != '\u{fffd}'));
+    assert!(
+        t.disease(&first)
+            .unwrap()
+            .name
+            .chars()
+            .all(|c| c != '\u{fffd}')
+    );
 }
 
 #[test]
@@ -130,13 +201,21 @@ fn missing_master_is_unknown_not_invalid() {
     let d = tmp("empty");
     let t = Terminology::open(&d).unwrap();
     assert!(t.loaded().is_empty());
-    assert!(t.validate_code(systems::GENERAL_NAME[0], "2124030F2ZZZ", None).is_none());
+    assert!(
+        t.validate_code(systems::GENERAL_NAME[0], "2124030F2ZZZ", None)
+            .is_none()
+    );
 }
 
 #[test]
 fn jlac10_csv_form_is_accepted() {
     let d = tmp("jlaccsv");
-    let r = import(&shared("codesets/jlac10-labo-items.csv"), MasterKind::Jlac10, &d).unwrap();
+    let r = import(
+        &shared("codesets/jlac10-labo-items.csv"),
+        MasterKind::Jlac10,
+        &d,
+    )
+    .unwrap();
     assert_eq!(r.imported, 692);
     assert!(r.errors.is_empty());
 }

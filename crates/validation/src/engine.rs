@@ -44,16 +44,20 @@ pub trait CodeSource: Send + Sync {
     fn system_name(&self, system: &str) -> Option<String>;
 }
 
+type SliceIndexEntry = Option<Arc<SliceIndex>>;
+/// An element of a (possibly other) profile, if any.
+type ElemRef = Option<(Arc<Profile>, usize)>;
+
 pub struct Engine {
     pub conf: Conformance,
     profiles: RwLock<HashMap<String, Option<Arc<Profile>>>>,
     value_sets: RwLock<HashMap<String, Arc<VsCodes>>>,
     code_systems: RwLock<HashMap<String, Option<Arc<Value>>>>,
-    slice_index: RwLock<HashMap<(usize, usize), Option<Arc<SliceIndex>>>>,
+    slice_index: RwLock<HashMap<(usize, usize), SliceIndexEntry>>,
     type_profiles: RwLock<HashMap<String, Option<Arc<Profile>>>>,
     /// Keyed by (profile, element, path pointer, path length): discriminator paths
     /// live inside the cached profiles, so their addresses are stable.
-    elem_at_cache: RwLock<HashMap<(usize, usize, usize, usize), Option<(Arc<Profile>, usize)>>>,
+    elem_at_cache: RwLock<HashMap<(usize, usize, usize, usize), ElemRef>>,
     pub codes: Option<Arc<dyn CodeSource>>,
 }
 
@@ -837,11 +841,8 @@ impl Engine {
                 if k == "fhir_comments" {
                     continue;
                 }
-                let msg = if k.starts_with('_') {
-                    format!(
-                        "Unknown element '{k}': no element '{}' is defined here",
-                        &k[1..]
-                    )
+                let msg = if let Some(base) = k.strip_prefix('_') {
+                    format!("Unknown element '{k}': no element '{base}' is defined here")
                 } else {
                     format!(
                         "Unknown element '{k}' in {} (not defined in {})",
@@ -1009,7 +1010,7 @@ impl Engine {
                 );
             }
         }
-        if tc == "Extension" && (t_profiles_empty(e, tc) || ei == 0) && ei != 0 {
+        if tc == "Extension" && ei != 0 && t_profiles_empty(e, tc) {
             self.check_extension_by_url(obj, path, res, st);
         }
         if tc == "Extension" {
@@ -1517,7 +1518,7 @@ impl Engine {
         let el = &p.elems[i];
         let actual = json_path(v, path);
         if let Some(f) = &el.fixed {
-            return Some(actual.iter().any(|a| *a == f));
+            return Some(actual.contains(&f));
         }
         if let Some(pat) = &el.pattern {
             return Some(actual.iter().any(|a| pattern_matches(pat, a)));
@@ -1579,7 +1580,7 @@ impl Engine {
                 .collect();
             if let Some(f) = &ce.fixed {
                 any = true;
-                all_ok &= vals.iter().any(|v| *v == f);
+                all_ok &= vals.contains(&f);
             } else if let Some(pt) = &ce.pattern {
                 any = true;
                 all_ok &= vals.iter().any(|v| pattern_matches(pt, v));

@@ -12,20 +12,72 @@ use tsunagi_fhir::Severity;
 use tsunagi_validation::Validator;
 
 const KEYS: &[&str] = &[
-    "resourceType", "id", "meta", "profile", "extension", "url", "valueString", "valueQuantity", "valueIdentifier",
-    "valueCodeableConcept", "value", "code", "coding", "system", "display", "text", "div", "status", "subject",
-    "reference", "contained", "entry", "resource", "fullUrl", "type", "identifier", "name", "given", "family",
-    "_given", "_status", "effectiveDateTime", "issued", "category", "component", "tag", "section", "modifierExtension",
-    "telecom", "address", "birthDate", "gender", "medicationCodeableConcept", "dosageInstruction", "timing",
+    "resourceType",
+    "id",
+    "meta",
+    "profile",
+    "extension",
+    "url",
+    "valueString",
+    "valueQuantity",
+    "valueIdentifier",
+    "valueCodeableConcept",
+    "value",
+    "code",
+    "coding",
+    "system",
+    "display",
+    "text",
+    "div",
+    "status",
+    "subject",
+    "reference",
+    "contained",
+    "entry",
+    "resource",
+    "fullUrl",
+    "type",
+    "identifier",
+    "name",
+    "given",
+    "family",
+    "_given",
+    "_status",
+    "effectiveDateTime",
+    "issued",
+    "category",
+    "component",
+    "tag",
+    "section",
+    "modifierExtension",
+    "telecom",
+    "address",
+    "birthDate",
+    "gender",
+    "medicationCodeableConcept",
+    "dosageInstruction",
+    "timing",
 ];
-const TYPES: &[&str] = &["Patient", "Observation", "Bundle", "Condition", "MedicationRequest", "Composition", "Encounter", "Nope", ""];
+const TYPES: &[&str] = &[
+    "Patient",
+    "Observation",
+    "Bundle",
+    "Condition",
+    "MedicationRequest",
+    "Composition",
+    "Encounter",
+    "Nope",
+    "",
+];
 
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         "[a-zA-Z0-9 :/#.|_-]{0,12}".prop_map(Value::String),
         prop::sample::select(TYPES).prop_map(|s| Value::String(s.to_string())),
         Just(json!("urn:uuid:00000000-0000-0000-0000-000000000000")),
@@ -35,8 +87,13 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(6, 96, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
-            prop::collection::vec((prop::sample::select(KEYS), inner), 0..6)
-                .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<_, _>>())),
+            prop::collection::vec((prop::sample::select(KEYS), inner), 0..6).prop_map(|kv| {
+                Value::Object(
+                    kv.into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect::<Map<_, _>>(),
+                )
+            }),
         ]
     })
 }
@@ -67,7 +124,9 @@ fn mutate(v: &mut Value, mut pick: u64, with: &Value) -> bool {
             let keys: Vec<String> = m.keys().cloned().collect();
             let k = &keys[(pick % n) as usize];
             pick /= n.max(2);
-            if pick % 3 == 0 || !mutate(m.get_mut(k).unwrap_or(&mut Value::Null), pick, with) {
+            if pick.is_multiple_of(3)
+                || !mutate(m.get_mut(k).unwrap_or(&mut Value::Null), pick, with)
+            {
                 m.insert(k.clone(), with.clone());
             }
             true
@@ -77,7 +136,7 @@ fn mutate(v: &mut Value, mut pick: u64, with: &Value) -> bool {
                 return false;
             }
             let i = (pick % a.len() as u64) as usize;
-            if pick % 3 == 0 || !mutate(&mut a[i], pick / 3, with) {
+            if pick.is_multiple_of(3) || !mutate(&mut a[i], pick / 3, with) {
                 a[i] = with.clone();
             }
             true
@@ -102,7 +161,10 @@ fn full() -> std::sync::Arc<Validator> {
 
 fn check(v: &Validator, r: &Value) {
     let issues = v.validate(r, None);
-    assert!(!issues.iter().any(|i| i.severity == Severity::Fatal), "validator failure on {r}: {issues:?}");
+    assert!(
+        !issues.iter().any(|i| i.severity == Severity::Fatal),
+        "validator failure on {r}: {issues:?}"
+    );
 }
 
 proptest! {
