@@ -219,3 +219,44 @@ fn jlac10_csv_form_is_accepted() {
     assert_eq!(r.imported, 692);
     assert!(r.errors.is_empty());
 }
+
+#[test]
+fn masters_cli_import_exit_codes() {
+    use tsunagi_terminology::cli::{MastersArgs, MastersCommand, run_masters};
+    let d = tmp("cli");
+    let ok = run_masters(MastersArgs {
+        command: MastersCommand::Import {
+            file: shared("masters/modifier-master-z.csv"),
+            kind: MasterKind::Modifier,
+            data_dir: d.clone(),
+        },
+    })
+    .unwrap();
+    assert_eq!(ok, 0);
+    let bad = d.join("bad.csv");
+    std::fs::write(&bad, "\"0\",\"Z\",\"12\"\n").unwrap();
+    assert!(
+        run_masters(MastersArgs {
+            command: MastersCommand::Import {
+                file: bad,
+                kind: MasterKind::Modifier,
+                data_dir: d.clone()
+            }
+        })
+        .is_err()
+    );
+    let found = run_masters(MastersArgs {
+        command: MastersCommand::Lookup {
+            system: systems::MODIFIER_KEY[0].into(),
+            code: Terminology::open(&d)
+                .unwrap()
+                .modifier("2049")
+                .unwrap()
+                .key_number
+                .clone(),
+            data_dir: d,
+        },
+    })
+    .unwrap();
+    assert_eq!(found, 0);
+}

@@ -211,3 +211,43 @@ fn official_examples_validate_as_documented() {
         failures.join("\n")
     );
 }
+
+/// Not an acceptance criterion: how the examples fare against `current/` (the newest
+/// package of every IG together) instead of the build each was published with.
+/// Run with `cargo test -p tsunagi-validation --test examples -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn report_examples_against_current_set() {
+    let root = common::shared("fixtures/jp-examples");
+    let status = statuses(&root);
+    let v = common::validator_for(&["current"]);
+    let mut all = Vec::new();
+    files(&root, &mut all);
+    all.sort();
+    let mut by_folder: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for f in &all {
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        let folder = rel
+            .rsplit_once('/')
+            .map(|(f, _)| f.to_string())
+            .unwrap_or_default();
+        if status.get(&rel) != Some(&Expect::Valid) {
+            continue;
+        }
+        let res: Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+        let ok = !v
+            .validate(&res, None)
+            .iter()
+            .any(|i| i.severity >= Severity::Error);
+        let e = by_folder.entry(folder).or_default();
+        e.0 += ok as usize;
+        e.1 += 1;
+    }
+    for (f, (ok, n)) in by_folder {
+        eprintln!("current set: {f}: {ok}/{n} valid examples without errors");
+    }
+}
