@@ -14,10 +14,9 @@
 //! (the consent rule adds `ScopeRule::Patient { id, types }` for consented patients);
 //! the search runs under their union, and an empty union is a denial.
 //!
-//! Server obligations: decide each `_include`/`_revinclude` target type with
-//! [`Policy::search_scope`] too (the store filters included rows by scope, but
-//! `AuthoredBy` has no type restriction, so a clerk's scope alone would let a
-//! `_revinclude` return clinical resources of their organisation).
+//! The store applies the scope to `_include`/`_revinclude` rows too; `AuthoredBy`
+//! carries the role's type restriction so a clerk's `_revinclude` cannot pull in
+//! clinical resources of their organisation.
 
 use std::fmt;
 use std::sync::Arc;
@@ -643,7 +642,11 @@ impl AccessRule for CoreRule {
             )));
         }
         ScopeGrant::Rules(vec![
-            ScopeRule::AuthoredBy(principal.org.clone()),
+            ScopeRule::AuthoredBy {
+                org: principal.org.clone(),
+                types: Self::personal_types(principal.role)
+                    .map(|t| t.iter().map(|s| s.to_string()).collect()),
+            },
             ScopeRule::NonPersonal,
         ])
     }
@@ -916,7 +919,10 @@ mod tests {
     #[test]
     fn search_scopes() {
         let policy = Policy::new();
-        let own = ScopeRule::AuthoredBy(OWN.into());
+        let own = ScopeRule::AuthoredBy {
+            org: OWN.into(),
+            types: None,
+        };
         let doctor = principal(K::Hospital, R::Doctor);
         assert_eq!(
             policy.search_scope(&doctor, "Observation", Purpose::Treatment),
@@ -925,6 +931,19 @@ mod tests {
         assert_eq!(
             policy.search_scope(&doctor, "Practitioner", Purpose::Treatment),
             Ok(Scope::AnyOf(vec![ScopeRule::NonPersonal]))
+        );
+        // a clerk's own-organisation scope carries the clerk's types, so includes
+        // cannot pull in clinical resources
+        let clerk = principal(K::Clinic, R::Clerk);
+        assert_eq!(
+            policy.search_scope(&clerk, "Patient", Purpose::Treatment),
+            Ok(Scope::AnyOf(vec![
+                ScopeRule::AuthoredBy {
+                    org: OWN.into(),
+                    types: Some(CLERK_TYPES.iter().map(|t| t.to_string()).collect())
+                },
+                ScopeRule::NonPersonal
+            ]))
         );
         let patient = principal(K::Patient, R::Patient);
         assert_eq!(
@@ -1146,7 +1165,10 @@ mod tests {
         assert_eq!(
             policy.search_scope(&doctor, "Observation", Purpose::Treatment),
             Ok(Scope::AnyOf(vec![
-                ScopeRule::AuthoredBy(OWN.into()),
+                ScopeRule::AuthoredBy {
+                    org: OWN.into(),
+                    types: None
+                },
                 ScopeRule::NonPersonal,
                 ScopeRule::Patient {
                     id: "p1".into(),

@@ -53,8 +53,12 @@ pub enum ScopeRule {
         id: String,
         types: Option<Vec<String>>,
     },
-    /// Resources whose current version was written by this organisation.
-    AuthoredBy(String),
+    /// Resources whose current version was written by this organisation,
+    /// optionally only these types (a clerk's own records are not all clinical).
+    AuthoredBy {
+        org: String,
+        types: Option<Vec<String>>,
+    },
 }
 
 /// `_history` request.

@@ -1241,8 +1241,27 @@ pub fn scope_filtering(h: &dyn Harness) {
         ],
     );
     assert_eq!(sorted_ids(&r), v(&["o1", "o2"]));
-    let r = run(&obs, vec![ScopeRule::AuthoredBy("A".into())]);
+    let r = run(
+        &obs,
+        vec![ScopeRule::AuthoredBy {
+            org: "A".into(),
+            types: None,
+        }],
+    );
     assert_eq!(sorted_ids(&r), v(&["o1", "o2", "o4"]));
+    let typed = |types: &[&str]| ScopeRule::AuthoredBy {
+        org: "A".into(),
+        types: Some(types.iter().map(|t| t.to_string()).collect()),
+    };
+    assert_eq!(
+        run(&obs, vec![typed(&["Patient", "Coverage"])]).total,
+        0,
+        "an AuthoredBy limited to other types admits none of A's observations"
+    );
+    assert_eq!(
+        sorted_ids(&run(&obs, vec![typed(&["Observation"])])),
+        v(&["o1", "o2", "o4"])
+    );
     let r = run(&obs, vec![ScopeRule::NonPersonal]);
     assert_eq!(r.total, 0);
     let r = run(
@@ -1282,7 +1301,10 @@ pub fn scope_filtering(h: &dyn Harness) {
         &q,
         vec![
             pat("p1", Some(&["Observation"])),
-            ScopeRule::AuthoredBy("B".into()),
+            ScopeRule::AuthoredBy {
+                org: "B".into(),
+                types: None,
+            },
         ],
     );
     assert_eq!(sorted_ids(&r), v(&["o1", "o2", "o3"]));
@@ -1321,7 +1343,10 @@ pub fn scope_filtering(h: &dyn Harness) {
     let c = s
         .patient_compartment(
             "p2",
-            &Scope::AnyOf(vec![ScopeRule::AuthoredBy("B".into())]),
+            &Scope::AnyOf(vec![ScopeRule::AuthoredBy {
+                org: "B".into(),
+                types: None,
+            }]),
             10,
             0,
         )

@@ -254,9 +254,14 @@ fn scope_sql(b: &mut B, scope: &Scope, noindex: bool) {
                         }
                         b.s(")");
                     }
-                    ScopeRule::AuthoredBy(org) => {
+                    ScopeRule::AuthoredBy { org, types } => {
                         let c = col(b, "r.author_org");
-                        b.s(c).s(" = ").text(org);
+                        b.s("(").s(c).s(" = ").text(org);
+                        if let Some(types) = types {
+                            let c = col(b, "r.rt");
+                            in_list(b, c, types);
+                        }
+                        b.s(")");
                     }
                 }
             }

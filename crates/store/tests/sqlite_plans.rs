@@ -100,7 +100,10 @@ fn hot_searches_are_driven_by_an_index() {
             &name,
             &Scope::AnyOf(vec![
                 ScopeRule::NonPersonal,
-                ScopeRule::AuthoredBy("A".into()),
+                ScopeRule::AuthoredBy {
+                    org: "A".into(),
+                    types: None,
+                },
             ]),
         )
         .unwrap(),
