@@ -357,7 +357,7 @@ pub fn ensure(store: &dyn Store, dir: &Path) -> anyhow::Result<String> {
         let symbol = "つなぎ";
         let number = format!("{}", 10000 + n * 7);
         let branch = if n % 4 == 0 { "01" } else { "00" };
-        let relationship = if branch == "00" { "self" } else { "child" };
+        let relationship = if branch == "00" { "self" } else { "spouse" }; // 本人 or 家族
         writes.push((
             "Patient".into(),
             pid.clone(),
