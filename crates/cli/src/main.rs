@@ -47,6 +47,12 @@ enum Command {
     Audit(admin::AuditCommand),
     /// Bulk-load resources from NDJSON (one resource per line) with a progress bar.
     Import(import::ImportArgs),
+    /// Validate resources, Bundles or NDJSON against FHIR profiles; exit 0 without errors, 1 with any.
+    Validate(tsunagi_validation::cli::ValidateArgs),
+    /// Install and list FHIR packages (JP Core, JP-CLINS, ...) in the data directory.
+    Packages(tsunagi_validation::cli::PackagesArgs),
+    /// Import the official code masters (drug, disease, modifier, JLAC10, J-FAGY).
+    Masters(tsunagi_terminology::cli::MastersArgs),
 }
 
 fn init_logging(format: &str) {
@@ -82,7 +88,14 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Client(c) => admin::client(c),
         Command::Audit(c) => admin::audit(c),
         Command::Import(a) => import::run(a),
+        Command::Validate(a) => exit_code(tsunagi_validation::cli::run_validate(a)?),
+        Command::Packages(a) => exit_code(tsunagi_validation::cli::run_packages(a)?),
+        Command::Masters(a) => exit_code(tsunagi_terminology::cli::run_masters(a)?),
     }
+}
+
+fn exit_code(code: i32) -> anyhow::Result<u8> {
+    Ok(u8::try_from(code).unwrap_or(2))
 }
 
 fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
@@ -101,7 +114,15 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
             let summary = tokio::task::spawn_blocking(move || demo::ensure(&*st, &dir)).await??;
             eprintln!("demo dataset ready: {summary}; listing in {}", config.data_dir.join("demo.json").display());
         }
-        let state = tsunagi_server::Builder::new(config.clone(), store).build().map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Installed packages and masters, when present, add full profile checking;
+        // without them the built-in R4 structure and the platform's rules apply.
+        let dir = config.data_dir.clone();
+        let validator = tokio::task::spawn_blocking(move || tsunagi_validation::Validator::load(&dir)).await??;
+        tracing::info!(packages = validator.packages().len(), "validator loaded");
+        let state = tsunagi_server::Builder::new(config.clone(), store)
+            .validator(Arc::new(validator))
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, backend = state.engine.store.backend(), base_url = %state.engine.base_url, "tsunagi listening");

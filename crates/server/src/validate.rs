@@ -9,6 +9,14 @@ pub trait Validate: Send + Sync {
     fn validate(&self, resource: &Value, profile: Option<&str>) -> Vec<Issue>;
 }
 
+/// The profile-driven validator (installed packages, masters and the platform's
+/// business rules) behind the gate.
+impl Validate for tsunagi_validation::Validator {
+    fn validate(&self, resource: &Value, profile: Option<&str>) -> Vec<Issue> {
+        tsunagi_validation::Validator::validate(self, resource, profile)
+    }
+}
+
 /// Structural checks that hold with or without packages: the body is a JSON object
 /// naming a known resource type, and a present id has the FHIR id format.
 pub struct BasicValidator;

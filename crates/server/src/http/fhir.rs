@@ -26,7 +26,10 @@ pub fn routes() -> Router<AppState> {
         .route("/fhir/{rtype}", get(search).post(create_or_type_op))
         .route("/fhir/{rtype}/_search", axum::routing::post(search_post))
         .route("/fhir/{rtype}/_history", get(type_history))
-        .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
+        .route(
+            "/fhir/{rtype}/{id}",
+            get(read).put(update).delete(delete).post(type_op),
+        )
         .route("/fhir/{rtype}/{id}/_history", get(instance_history))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
         .route("/fhir/{rtype}/{id}/{op}", get(instance_op))
@@ -186,11 +189,15 @@ async fn create_or_type_op(
     State(state): State<AppState>,
     Caller(ctx): Caller,
     Path(rtype): Path<String>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
     FhirJson(body): FhirJson,
 ) -> ApiResult<Response> {
-    if rtype.starts_with('$') {
-        return Err(FhirError::not_found(format!("Operation {rtype} is not supported")).into());
+    if let Some(op) = rtype.strip_prefix('$') {
+        return match op {
+            "validate" => validate_op(&state, None, raw.as_deref(), body),
+            _ => Err(FhirError::not_found(format!("Operation ${op} is not supported")).into()),
+        };
     }
     let cond = headers
         .get("if-none-exist")
@@ -201,6 +208,78 @@ async fn create_or_type_op(
         .create(&ctx, &rtype, body, cond.as_deref())
         .await?;
     Ok(written(&state, w, prefer_return(&headers)))
+}
+
+/// `POST /fhir/{type}/$op`.
+async fn type_op(
+    State(state): State<AppState>,
+    Caller(_ctx): Caller,
+    Path((rtype, op)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+    FhirJson(body): FhirJson,
+) -> ApiResult<Response> {
+    crate::engine::check_type(&rtype)?;
+    match op.as_str() {
+        "$validate" => validate_op(&state, Some(&rtype), raw.as_deref(), body),
+        _ => Err(FhirError::not_found(format!(
+            "Operation {op} is not supported on {rtype} with POST"
+        ))
+        .into()),
+    }
+}
+
+/// `$validate`: the body is the resource, or a Parameters with `resource` (and
+/// optionally `profile`); `?profile=` also names the profile. Always 200 with the
+/// OperationOutcome when validation ran: the outcome, not the status, carries the verdict.
+/// Nothing is read or stored, so nothing is audited.
+fn validate_op(
+    state: &AppState,
+    rtype: Option<&str>,
+    query: Option<&str>,
+    body: Value,
+) -> ApiResult<Response> {
+    let (resource, mut profile) =
+        if body.get("resourceType").and_then(Value::as_str) == Some("Parameters") {
+            let params = body
+                .get("parameter")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let resource = params
+                .iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some("resource"))
+                .and_then(|p| p.get("resource").cloned())
+                .ok_or_else(|| {
+                    FhirError::bad_request(
+                        Some("Parameters.parameter"),
+                        "$validate with Parameters needs a 'resource' parameter",
+                    )
+                })?;
+            let profile = params
+                .iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some("profile"))
+                .and_then(|p| {
+                    p.get("valueUri")
+                        .or_else(|| p.get("valueCanonical"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                });
+            (resource, profile)
+        } else {
+            (body, None)
+        };
+    if profile.is_none() {
+        profile = parse_pairs(query)
+            .into_iter()
+            .find(|(k, _)| k == "profile")
+            .map(|(_, v)| v);
+    }
+    crate::validate::check_shape(&resource, rtype)?;
+    let issues = state
+        .engine
+        .validator
+        .validate(&resource, profile.as_deref());
+    Ok(fhir_json(StatusCode::OK, &operation_outcome(&issues)))
 }
 
 async fn update(
