@@ -4,7 +4,9 @@
 //! a resource keeps its id (so re-running an import is idempotent: it adds a
 //! version rather than a duplicate). A bad line is reported with its line number
 //! and never aborts the rest; a batch the store refuses is retried line by line so
-//! only the offending lines fail, and nothing is half-applied.
+//! only the offending lines fail, and nothing is half-applied. Every line passes the
+//! same validator as the API (installed packages and the platform's rules) unless
+//! the operator says `--skip-validation`, which the audit records say.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -40,6 +42,10 @@ pub struct ImportArgs {
     /// Operator user recorded in the audit trail.
     #[arg(long, env = "USER", default_value = "operator")]
     pub user: String,
+    /// Do not validate (only for data already validated by this platform, e.g. a
+    /// re-import of an export). Recorded in every audit record of the import.
+    #[arg(long)]
+    pub skip_validation: bool,
 }
 
 /// Outcome of an import.
@@ -51,7 +57,12 @@ pub struct Stats {
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
-    let (_, store) = args.data.open()?;
+    let (cfg, store) = args.data.open()?;
+    let validator = if args.skip_validation {
+        None
+    } else {
+        Some(tsunagi_validation::Validator::load(&cfg.data_dir)?)
+    };
     let file =
         File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -72,6 +83,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let stats = import_reader(
         &*store,
+        validator.as_ref(),
         BufReader::new(file),
         args.batch.max(1),
         &actor,
@@ -95,13 +107,16 @@ pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
 }
 
 /// Imports NDJSON from a reader. `progress(bytes_read, imported)` is called per batch.
+/// Without a validator, lines are only checked for shape (`--skip-validation`).
 pub fn import_reader(
     store: &dyn Store,
+    validator: Option<&tsunagi_validation::Validator>,
     reader: impl BufRead,
     batch: usize,
     actor: &Principal,
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<Stats> {
+    let validated = validator.is_some();
     let started = Instant::now();
     let mut stats = Stats::default();
     let mut pending: Vec<(u64, String, String, Value)> = Vec::with_capacity(batch);
@@ -113,22 +128,25 @@ pub fn import_reader(
         if line.trim().is_empty() {
             continue;
         }
-        match parse_line(&line) {
+        match parse_line(&line, validator) {
             Ok((rt, id, v)) => pending.push((line_no, rt, id, v)),
             Err(e) => stats.failed.push((line_no, e)),
         }
         if pending.len() >= batch {
-            flush(store, &mut pending, actor, &mut stats);
+            flush(store, &mut pending, actor, validated, &mut stats);
             progress(bytes, stats.imported);
         }
     }
-    flush(store, &mut pending, actor, &mut stats);
+    flush(store, &mut pending, actor, validated, &mut stats);
     progress(bytes, stats.imported);
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
 }
 
-fn parse_line(line: &str) -> Result<(String, String, Value), String> {
+fn parse_line(
+    line: &str,
+    validator: Option<&tsunagi_validation::Validator>,
+) -> Result<(String, String, Value), String> {
     let mut v: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     check_shape(&v, None).map_err(|e| {
         e.issues
@@ -137,6 +155,17 @@ fn parse_line(line: &str) -> Result<(String, String, Value), String> {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
+    if let Some(validator) = validator {
+        let issues = validator.validate(&v, None);
+        if tsunagi_validation::has_errors(&issues) {
+            return Err(issues
+                .iter()
+                .filter(|i| i.severity >= tsunagi_fhir::Severity::Error)
+                .map(|i| format!("{}: {}", i.expression.as_deref().unwrap_or("-"), i.message))
+                .collect::<Vec<_>>()
+                .join("; "));
+        }
+    }
     let rt = v["resourceType"].as_str().unwrap_or_default().to_string();
     let id = match v.get("id").and_then(Value::as_str) {
         Some(id) => id.to_string(),
@@ -153,18 +182,19 @@ fn flush(
     store: &dyn Store,
     pending: &mut Vec<(u64, String, String, Value)>,
     actor: &Principal,
+    validated: bool,
     stats: &mut Stats,
 ) {
     if pending.is_empty() {
         return;
     }
     let rows = std::mem::take(pending);
-    match write_batch(store, &rows, actor) {
+    match write_batch(store, &rows, actor, validated) {
         Ok(()) => stats.imported += rows.len() as u64,
         Err(_) => {
             // Isolate the offending rows: each on its own, so good rows still land.
             for row in rows {
-                match write_batch(store, std::slice::from_ref(&row), actor) {
+                match write_batch(store, std::slice::from_ref(&row), actor, validated) {
                     Ok(()) => stats.imported += 1,
                     Err(e) => stats.failed.push((row.0, e.to_string())),
                 }
@@ -178,6 +208,7 @@ fn write_batch(
     store: &dyn Store,
     rows: &[(u64, String, String, Value)],
     actor: &Principal,
+    validated: bool,
 ) -> FhirResult<()> {
     let ctx = WriteContext {
         org: Some(actor.org.clone()),
@@ -198,15 +229,18 @@ fn write_batch(
     let records: Vec<Value> = touched
         .into_iter()
         .map(|(patient, refs)| {
-            AuditRecord::new(
+            let mut rec = AuditRecord::new(
                 actor,
                 Purpose::Operations,
                 "import",
                 uuid::Uuid::new_v4().to_string(),
             )
             .with_patient(patient)
-            .with_resources(refs)
-            .to_json()
+            .with_resources(refs);
+            if !validated {
+                rec.reason = Some("imported with --skip-validation".into());
+            }
+            rec.to_json()
         })
         .collect();
     if !records.is_empty() {
