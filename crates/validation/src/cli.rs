@@ -173,6 +173,17 @@ pub fn run_packages(args: PackagesArgs) -> anyhow::Result<i32> {
             for n in v.load_notes() {
                 eprintln!("note: {n}");
             }
+            let c = v.constraint_coverage();
+            println!(
+                "invariants: {} in the loaded profiles, {} native, {} by FHIRPath, {} not evaluable (reported as warnings)",
+                c.total,
+                c.native,
+                c.total - c.native - c.unsupported.len(),
+                c.unsupported.len()
+            );
+            for (url, key, why) in &c.unsupported {
+                println!("  not evaluable: {url} {key}: {why}");
+            }
             Ok(0)
         }
     }

@@ -73,6 +73,8 @@ pub const SUPPORTED_FUNCTIONS: &[&str] = &[
     "toDecimal",
     "today",
     "now",
+    "replaceMatches",
+    "resolve",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1375,6 +1377,48 @@ fn func<'a>(
             (Some(s), Some(p), Some(r)) => vec![Item::Str(s.replace(&p, &r))],
             _ => vec![],
         },
+        "replaceMatches" => match (
+            one_str(&base),
+            arg_str(args, 0, ctx, focus, d)?,
+            arg_str(args, 1, ctx, focus, d)?,
+        ) {
+            (Some(s), Some(p), Some(r)) => {
+                let re = Regex::new(&p).map_err(|e| FpError::Invalid(format!("bad regex: {e}")))?;
+                vec![Item::Str(re.replace_all(&s, r.as_str()).into_owned())]
+            }
+            _ => vec![],
+        },
+        "resolve" => {
+            // local references only: `#id` -> a contained resource of %rootResource;
+            // anything else cannot be resolved here and makes the invariant unevaluable
+            let mut out = Vec::new();
+            for it in &base {
+                let r = match it {
+                    Item::Node(Value::Object(m), _) => m.get("reference").and_then(Value::as_str),
+                    other => other.as_str(),
+                };
+                let Some(r) = r else { continue };
+                let Some(id) = r.strip_prefix('#') else {
+                    return Err(FpError::Unsupported(format!(
+                        "resolve() of the non-local reference '{r}'"
+                    )));
+                };
+                let found = ctx
+                    .root
+                    .get("contained")
+                    .and_then(Value::as_array)
+                    .and_then(|a| {
+                        a.iter()
+                            .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
+                    });
+                match found {
+                    Some(c) => out.push(Item::Node(c, None)),
+                    None if id.is_empty() => out.push(Item::Node(ctx.root, None)),
+                    None => {}
+                }
+            }
+            out
+        }
         "length" => match one_str(&base) {
             Some(s) => vec![Item::Int(s.chars().count() as i64)],
             None => vec![],
@@ -1554,6 +1598,30 @@ mod tests {
             vec![json!(true)]
         );
         assert_eq!(run("'C' in ('C' | 'CM')", &p), vec![json!(true)]);
+    }
+
+    #[test]
+    fn resolve_local_only() {
+        let r = json!({"resourceType":"CareTeam","contained":[{"resourceType":"Practitioner","id":"p"}],
+            "participant":[{"member":{"reference":"#p"}},{"member":{"reference":"Practitioner/x"}}]});
+        assert_eq!(
+            run("participant[0].member.resolve() is Practitioner", &r),
+            vec![json!(true)]
+        );
+        let e = parse("participant[1].member.resolve() is Practitioner").unwrap();
+        let ctx = Ctx {
+            resource: &r,
+            root: &r,
+            context: &r,
+        };
+        assert!(matches!(
+            evaluate(&e, &ctx, &[Item::Node(&r, None)]),
+            Err(FpError::Unsupported(_))
+        ));
+        assert_eq!(
+            run("'a1b2'.replaceMatches('[0-9]', '#')", &r),
+            vec![json!("a#b#")]
+        );
     }
 
     #[test]

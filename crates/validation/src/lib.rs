@@ -155,6 +155,46 @@ impl Validator {
         self.terminology.as_deref()
     }
 
+    /// Compiles every loaded StructureDefinition and counts its invariants.
+    pub fn constraint_coverage(&self) -> ConstraintCoverage {
+        let mut c = ConstraintCoverage::default();
+        let mut urls: Vec<&String> = self
+            .engine
+            .conf
+            .sds
+            .keys()
+            .filter(|k| !k.contains('|'))
+            .collect();
+        urls.sort();
+        for url in urls {
+            let Some(sd) = self.engine.conf.structure_definition(url) else {
+                continue;
+            };
+            let Some(p) = structure::Profile::compile(&sd) else {
+                continue;
+            };
+            let mut seen = std::collections::HashSet::new();
+            for e in &p.elems {
+                for k in &e.native_constraints {
+                    if seen.insert(k.clone()) {
+                        c.total += 1;
+                        c.native += 1;
+                    }
+                }
+                for k in &e.constraints {
+                    if seen.insert(k.key.clone()) {
+                        c.total += 1;
+                        if let Err(err) = &k.expr {
+                            c.unsupported
+                                .push((url.clone(), k.key.clone(), err.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        c
+    }
+
     /// Is a profile (canonical, optionally `|version`) loaded?
     pub fn has_profile(&self, url: &str) -> bool {
         self.engine.profile(url).is_some()
@@ -182,6 +222,18 @@ impl Validator {
     pub fn validate_to_outcome(&self, resource: &Value, profile: Option<&str>) -> Value {
         tsunagi_fhir::operation_outcome(&self.validate(resource, profile))
     }
+}
+
+/// Which invariants of the loaded profiles the FHIRPath evaluator can run.
+#[derive(Debug, Clone, Default)]
+pub struct ConstraintCoverage {
+    /// Distinct (profile, key) invariants in the loaded StructureDefinitions.
+    pub total: usize,
+    /// Invariants implemented natively (ele-1, ext-1, dom-3).
+    pub native: usize,
+    /// (profile url, key, reason) of invariants that are reported as warnings
+    /// because the evaluator cannot run them.
+    pub unsupported: Vec<(String, String, String)>,
 }
 
 /// True when any issue is an error or fatal.

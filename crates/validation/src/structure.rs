@@ -57,6 +57,8 @@ pub struct Elem {
     pub pattern: Option<Value>,
     pub binding: Option<Binding>,
     pub constraints: Vec<Constraint>,
+    /// Keys of constraints implemented natively (see [`NATIVE_CONSTRAINTS`]).
+    pub native_constraints: Vec<String>,
     pub slicing: Option<Slicing>,
     pub children: Vec<usize>,
     pub slices: Vec<usize>,
@@ -187,6 +189,17 @@ impl Profile {
                     value_set: b.get("valueSet")?.as_str()?.to_string(),
                 })
             });
+            let native_constraints: Vec<String> = el
+                .get("constraint")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.get("key").and_then(Value::as_str))
+                        .filter(|k| NATIVE_CONSTRAINTS.contains(k))
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
             let constraints = el
                 .get("constraint")
                 .and_then(Value::as_array)
@@ -270,6 +283,7 @@ impl Profile {
                 pattern,
                 binding,
                 constraints,
+                native_constraints,
                 slicing,
                 children: vec![],
                 slices: vec![],

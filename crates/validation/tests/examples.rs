@@ -251,3 +251,22 @@ fn report_examples_against_current_set() {
         eprintln!("current set: {f}: {ok}/{n} valid examples without errors");
     }
 }
+
+/// Every invariant of the current Japanese package set (and R4 core) can be run by
+/// the FHIRPath subset evaluator; none is left as "not evaluated".
+#[test]
+fn invariants_of_the_loaded_profiles_are_all_evaluable() {
+    let v = common::validator_for(&["current"]);
+    let c = v.constraint_coverage();
+    eprintln!(
+        "invariants: {} total, {} native, {} not evaluable",
+        c.total,
+        c.native,
+        c.unsupported.len()
+    );
+    for u in &c.unsupported {
+        eprintln!("  {u:?}");
+    }
+    assert!(c.total > 1000, "{c:?}");
+    assert!(c.unsupported.is_empty(), "{:#?}", c.unsupported);
+}
