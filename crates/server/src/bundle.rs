@@ -511,6 +511,27 @@ mod tests {
         assert_eq!(v["x"][0]["reference"], "urn:uuid:2");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Planning never panics, and a refusal always names where in the Bundle.
+        #[test]
+        fn plan_never_panics(
+            methods in proptest::collection::vec("(POST|PUT|GET|DELETE|PATCH|x)", 0..5),
+            urls in proptest::collection::vec("[A-Za-z/$?=_.-]{0,20}", 0..5),
+            kind in "(transaction|batch|collection)",
+        ) {
+            let entries: Vec<Value> = methods.iter().zip(urls.iter()).map(|(m, u)| json!({
+                "fullUrl": format!("urn:uuid:{u}"),
+                "request": {"method": m, "url": u},
+                "resource": {"resourceType": u.split('/').next().unwrap_or(""), "id": u.split('/').nth(1).unwrap_or("x")}
+            })).collect();
+            let b = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
+            if let Err(e) = plan(&b) {
+                proptest::prop_assert!(e.issues.iter().all(|i| i.expression.as_deref().is_some_and(|x| x.starts_with("Bundle"))));
+            }
+        }
+    }
+
     #[test]
     fn plan_rejects_bad_entries_naming_them() {
         let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
