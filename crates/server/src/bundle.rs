@@ -41,6 +41,17 @@ fn entry_path(i: usize) -> String {
 }
 
 fn plan(bundle: &Value) -> FhirResult<(bool, Vec<Planned>)> {
+    let (is_transaction, entries) = envelope(bundle)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        out.push(plan_entry(i, e)?);
+    }
+    Ok((is_transaction, out))
+}
+
+/// Checks the Bundle itself (type, entry array, size): whether it is a transaction,
+/// and its entries, not yet planned.
+fn envelope(bundle: &Value) -> FhirResult<(bool, &[Value])> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(FhirError::bad_request(
             Some("resourceType"),
@@ -61,7 +72,7 @@ fn plan(bundle: &Value) -> FhirResult<(bool, Vec<Planned>)> {
         }
     };
     let entries = match bundle.get("entry") {
-        None => return Ok((is_transaction, Vec::new())),
+        None => return Ok((is_transaction, &[])),
         Some(Value::Array(a)) => a,
         Some(_) => {
             return Err(FhirError::bad_request(
@@ -81,11 +92,7 @@ fn plan(bundle: &Value) -> FhirResult<(bool, Vec<Planned>)> {
             ),
         ));
     }
-    let mut out = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
-        out.push(plan_entry(i, e)?);
-    }
-    Ok((is_transaction, out))
+    Ok((is_transaction, entries))
 }
 
 fn plan_entry(i: usize, e: &Value) -> FhirResult<Planned> {
@@ -259,11 +266,13 @@ fn response_entry(
 
 pub async fn process(engine: &Engine, ctx: &Ctx, bundle: Value) -> FhirResult<Value> {
     let base = engine.base_url.clone();
-    let (is_transaction, planned) = plan(&bundle)?;
+    let (is_transaction, entries) = envelope(&bundle)?;
+    let planned = entries.iter().enumerate().map(|(i, e)| plan_entry(i, e));
     if is_transaction {
-        transaction(engine, ctx, planned, &base).await
+        transaction(engine, ctx, planned.collect::<FhirResult<_>>()?, &base).await
     } else {
-        batch(engine, ctx, planned, &base).await
+        // each batch entry stands alone: a malformed one gets its own error response
+        batch(engine, ctx, planned.collect(), &base).await
     }
 }
 
@@ -417,9 +426,21 @@ async fn transaction(
     Ok(json!({ "resourceType": "Bundle", "type": "transaction-response", "entry": entries }))
 }
 
-async fn batch(engine: &Engine, ctx: &Ctx, planned: Vec<Planned>, base: &str) -> FhirResult<Value> {
+async fn batch(
+    engine: &Engine,
+    ctx: &Ctx,
+    planned: Vec<FhirResult<Planned>>,
+    base: &str,
+) -> FhirResult<Value> {
     let mut entries = Vec::with_capacity(planned.len());
     for p in planned {
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => {
+                entries.push(error_entry(&e));
+                continue;
+            }
+        };
         let id = p.id.clone().unwrap_or_default();
         let result = match p.method {
             Method::Post => engine
@@ -466,15 +487,20 @@ async fn batch(engine: &Engine, ctx: &Ctx, planned: Vec<Planned>, base: &str) ->
         };
         entries.push(match result {
             Ok(e) => e,
-            Err(e) => json!({
-                "response": {
-                    "status": format!("{} {}", e.status, status_text(e.status)),
-                    "outcome": operation_outcome(&e.issues),
-                }
-            }),
+            Err(e) => error_entry(&e),
         });
     }
     Ok(json!({ "resourceType": "Bundle", "type": "batch-response", "entry": entries }))
+}
+
+/// A batch response entry for a failed entry.
+fn error_entry(e: &FhirError) -> Value {
+    json!({
+        "response": {
+            "status": format!("{} {}", e.status, status_text(e.status)),
+            "outcome": operation_outcome(&e.issues),
+        }
+    })
 }
 
 pub fn status_text(status: u16) -> &'static str {
