@@ -56,6 +56,13 @@ fn main() -> anyhow::Result<()> {
         Some(d) => Some(tsunagi_terminology::Terminology::open(d)?),
         None => None,
     };
+    if masters.is_some() {
+        println!(
+            "masters load: {:.2} s, peak RSS {:.0} MB",
+            t.elapsed().as_secs_f64(),
+            peak_rss_mb()
+        );
+    }
     let v = Validator::from_paths(&packages, term)?;
     println!(
         "package load: {:.2} s ({} packages), peak RSS {:.0} MB",
