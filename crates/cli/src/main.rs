@@ -53,6 +53,10 @@ enum Command {
     Packages(tsunagi_validation::cli::PackagesArgs),
     /// Import the official code masters (drug, disease, modifier, JLAC10, J-FAGY).
     Masters(tsunagi_terminology::cli::MastersArgs),
+    /// My Number card simulator: issue a card (key pair + certificate), sign a reception nonce.
+    Card(tsunagi_eligibility::cli::CardArgs),
+    /// Insurers' coverage files (資格情報): bulk import with per-row error report.
+    Coverage(tsunagi_eligibility::cli::CoverageArgs),
 }
 
 fn init_logging(format: &str) {
@@ -91,6 +95,8 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Validate(a) => exit_code(tsunagi_validation::cli::run_validate(a)?),
         Command::Packages(a) => exit_code(tsunagi_validation::cli::run_packages(a)?),
         Command::Masters(a) => exit_code(tsunagi_terminology::cli::run_masters(a)?),
+        Command::Card(a) => exit_code(tsunagi_eligibility::cli::run_card(a)?),
+        Command::Coverage(a) => exit_code(tsunagi_eligibility::cli::run_coverage(a)?),
     }
 }
 
@@ -121,6 +127,7 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         tracing::info!(packages = validator.packages().len(), "validator loaded");
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
+            .service(Arc::new(tsunagi_eligibility::EligibilityService::new(Default::default())))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;

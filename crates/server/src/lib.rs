@@ -95,10 +95,16 @@ impl Builder {
     /// Builds the state. Must run inside a tokio runtime (the audit sink is a task).
     pub fn build(self) -> FhirResult<AppState> {
         let keys = ServerKeys::load_or_create(&self.config.data_dir)?;
+        let mut policy = self.policy;
+        for service in &self.services {
+            for rule in service.access_rules() {
+                policy = policy.with_rule(rule);
+            }
+        }
         let engine = Engine {
             audit: AuditSink::spawn(self.store.clone()),
             store: self.store,
-            policy: Arc::new(self.policy),
+            policy: Arc::new(policy),
             validator: self.validator,
             base_url: self.config.base_url(),
         };

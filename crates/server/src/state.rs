@@ -29,6 +29,11 @@ pub trait ServiceModule: Send + Sync {
     fn operations(&self) -> Vec<OperationDecl> {
         Vec::new()
     }
+    /// Policy rules the service adds (consent, emergency, ...). They join the one
+    /// policy module; a service never decides access on its own.
+    fn access_rules(&self) -> Vec<Arc<dyn tsunagi_policy::AccessRule>> {
+        Vec::new()
+    }
 }
 
 pub struct Inner {
