@@ -112,8 +112,12 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let store = tsunagi_server::open_store(&config).map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
+    // The PostgreSQL client is synchronous and blocks on a runtime of its own: it
+    // must be opened, and finally dropped, outside the server's runtime.
+    let store = tsunagi_server::open_store(&config)
+        .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
+    let last_owner = store.clone();
+    let code = rt.block_on(async move {
         if demo {
             let st = store.clone();
             let dir = config.data_dir.clone();
@@ -125,9 +129,10 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let dir = config.data_dir.clone();
         let validator = tokio::task::spawn_blocking(move || tsunagi_validation::Validator::load(&dir)).await??;
         tracing::info!(packages = validator.packages().len(), "validator loaded");
+        let eligibility = tsunagi_eligibility::EligibilityService::open(store.clone(), &config.data_dir, Default::default()).map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
-            .service(Arc::new(tsunagi_eligibility::EligibilityService::new(Default::default())))
+            .service(Arc::new(eligibility))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -136,7 +141,10 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         eprintln!("tsunagi listening on http://{addr} (FHIR base {})", state.engine.base_url);
         tsunagi_server::serve(state, listener, shutdown_signal()).await?;
         Ok::<u8, anyhow::Error>(0)
-    })
+    });
+    drop(rt);
+    drop(last_owner);
+    code
 }
 
 async fn shutdown_signal() {

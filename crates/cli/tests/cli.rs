@@ -400,3 +400,87 @@ fn audit_verify_detects_tampering() {
     assert!(!out.contains("seq 1:") && !out.contains("seq 3:"), "{out}");
     assert!(out.contains("audit trail FAILED"), "{out}");
 }
+
+/// `tsunagi serve` on PostgreSQL starts, answers, and exits 0 on SIGTERM.
+/// (The synchronous PostgreSQL client must not be opened or dropped on the
+/// server's async runtime: it blocks on a runtime of its own.)
+#[test]
+fn serve_on_postgres_starts_and_stops() {
+    let url = match std::env::var("TSUNAGI_TEST_PG") {
+        Ok(u) if !u.trim().is_empty() => u,
+        _ => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: TSUNAGI_TEST_PG is unset; serve_on_postgres_starts_and_stops not run"
+            );
+            return;
+        }
+    };
+    let schema = format!("tsunagi_cli_{}", std::process::id());
+    let setup = tsunagi_store::postgres::PgStore::connect_in_schema(&url, &schema, 1)
+        .expect("connect to TSUNAGI_TEST_PG");
+    let option = format!("-c search_path={schema}");
+    let database = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!(
+            "{url}{sep}options={}",
+            option.replace(' ', "%20").replace('=', "%3D")
+        )
+    } else {
+        format!("{url} options='{option}'")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tsunagi()
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--database", &database])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tsunagi serve");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut running = Running(child);
+    let mut seen = Vec::new();
+    let root = loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("tsunagi listening on ") {
+                    break rest.split_whitespace().next().unwrap().to_string();
+                }
+                seen.push(line);
+            }
+            Err(_) => panic!(
+                "tsunagi serve did not start on PostgreSQL ({:?}):\n{}",
+                running.0.try_wait(),
+                seen.join("\n")
+            ),
+        }
+    };
+    assert_eq!(http_get(&format!("{root}/readyz")), (200, "ready".into()));
+    let pid = running.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = running.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert_eq!(status.code(), Some(0), "{}", rest.join("\n"));
+    let _ = setup.raw_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+}
