@@ -39,6 +39,7 @@ function* tgzJson(file) {
 }
 
 const t0 = performance.now();
+const cpu0 = (() => { const u = process.cpuUsage(); return (u.user + u.system) / 1e6; })();
 indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
 indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
 const profiles = new Map();
@@ -50,8 +51,9 @@ for (const p of packages) {
     try { loadDataType(sd); profiles.set(sd.url, sd); } catch { loadErrors++; }
   }
 }
+const cpu = () => { const u = process.cpuUsage(); return (u.user + u.system) / 1e6; };
 const mem = () => (process.memoryUsage().rss / 1048576).toFixed(0);
-console.log(`medplum load: ${((performance.now() - t0) / 1000).toFixed(2)} s, ${profiles.size} profiles (${loadErrors} failed), RSS ${mem()} MB`);
+console.log(`medplum load: ${((performance.now() - t0) / 1000).toFixed(2)} s wall, ${(cpu() - cpu0).toFixed(2)} s CPU, ${profiles.size} profiles (${loadErrors} failed), RSS ${mem()} MB`);
 
 function validate(r) {
   const url = (r.meta?.profile ?? []).map((u) => u.split('|')[0]).find((u) => profiles.has(u));
@@ -71,15 +73,18 @@ if (examples) {
   let withErrors = 0;
   for (const d of docs) if (validate(d) > 0) withErrors++;
   const t = performance.now();
+  const c0 = cpu();
   let n = 0;
   for (let i = 0; i < loops; i++) for (const d of docs) { validate(d); n++; }
   const s = (performance.now() - t) / 1000;
-  console.log(`medplum examples: ${docs.length} files (${withErrors} with errors) x ${loops} = ${n} in ${s.toFixed(2)} s = ${(n / s).toFixed(0)} /s, RSS ${mem()} MB`);
+  const c = cpu() - c0;
+  console.log(`medplum examples: ${docs.length} files (${withErrors} with errors) x ${loops} = ${n} in ${s.toFixed(2)} s = ${(n / s).toFixed(0)} /s wall, ${(n / c).toFixed(0)} /CPU-s, RSS ${mem()} MB`);
 }
 
 if (ndjson) {
   const rl = createInterface({ input: createReadStream(ndjson), crlfDelay: Infinity });
   const t = performance.now();
+  const c0 = cpu();
   let n = 0, errs = 0;
   for await (const line of rl) {
     if (!line.trim()) continue;
@@ -87,5 +92,6 @@ if (ndjson) {
     if (++n >= limit) break;
   }
   const s = (performance.now() - t) / 1000;
-  console.log(`medplum ndjson: ${n} resources (${errs} with errors) in ${s.toFixed(2)} s = ${(n / s).toFixed(0)} resources/s, RSS ${mem()} MB`);
+  const c = cpu() - c0;
+  console.log(`medplum ndjson: ${n} resources (${errs} with errors) in ${s.toFixed(2)} s = ${(n / s).toFixed(0)} resources/s wall, ${(n / c).toFixed(0)} /CPU-s, RSS ${mem()} MB`);
 }

@@ -536,6 +536,9 @@ impl Engine {
         explicit: &[String],
         st: &mut St<'a>,
     ) {
+        // flags set by the caller for this resource only
+        let any_of = std::mem::take(&mut st.any_of);
+        let contained = std::mem::take(&mut st.contained_next);
         if st.depth > MAX_DEPTH {
             st.err("structure", path, "Resources are nested too deeply".into());
             return;
@@ -571,7 +574,7 @@ impl Engine {
         let mut wanted: Vec<String> = explicit.to_vec();
         if explicit.is_empty() {
             wanted = meta_profiles(res);
-        } else if std::mem::take(&mut st.any_of) && explicit.len() > 1 {
+        } else if any_of && explicit.len() > 1 {
             // element type lists several profiles: the resource must meet one of them
             let claimed: Vec<String> = meta_profiles(res)
                 .iter()
@@ -622,7 +625,6 @@ impl Engine {
             targets.push(base);
         }
         st.depth += 1;
-        let contained = std::mem::take(&mut st.contained_next);
         let pushed = !contained || st.roots.is_empty();
         if pushed {
             st.roots.push(res);

@@ -168,7 +168,7 @@ fn check(v: &Validator, r: &Value) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_json_never_panics(r in resource(), raw in json_value()) {
