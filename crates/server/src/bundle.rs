@@ -267,12 +267,17 @@ fn response_entry(
 pub async fn process(engine: &Engine, ctx: &Ctx, bundle: Value) -> FhirResult<Value> {
     let base = engine.base_url.clone();
     let (is_transaction, entries) = envelope(&bundle)?;
-    let planned = entries.iter().enumerate().map(|(i, e)| plan_entry(i, e));
     if is_transaction {
-        transaction(engine, ctx, planned.collect::<FhirResult<_>>()?, &base).await
+        let (_, planned) = plan(&bundle)?;
+        transaction(engine, ctx, planned, &base).await
     } else {
         // each batch entry stands alone: a malformed one gets its own error response
-        batch(engine, ctx, planned.collect(), &base).await
+        let planned = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| plan_entry(i, e))
+            .collect();
+        batch(engine, ctx, planned, &base).await
     }
 }
 
