@@ -150,6 +150,13 @@ pub fn run_packages(args: PackagesArgs) -> anyhow::Result<i32> {
     match args.command {
         PackagesCommand::Install { path, data_dir } => {
             let info = install_package(&path, &data_dir)?;
+            if info.without_snapshot > 0 {
+                eprintln!(
+                    "warning: {} StructureDefinition(s) in {} have no snapshot and cannot be used for validation; install the snapshot build of the package (\"-snap\" / snapshot版)",
+                    info.without_snapshot,
+                    path.display()
+                );
+            }
             println!(
                 "installed {} {} ({} conformance resources) into {}",
                 info.name,

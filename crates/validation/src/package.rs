@@ -34,6 +34,9 @@ pub struct PackageInfo {
     pub version: String,
     pub source: PathBuf,
     pub resources: usize,
+    /// StructureDefinitions without a snapshot (differential-only builds): they are
+    /// loaded but cannot be validated against.
+    pub without_snapshot: usize,
 }
 
 /// A conformance resource kept as its JSON text (parsed on demand: a parsed
@@ -59,6 +62,8 @@ struct Head {
     version: Option<String>,
     #[serde(default)]
     date: Option<String>,
+    #[serde(default)]
+    snapshot: Option<serde::de::IgnoredAny>,
 }
 
 /// The conformance resources of all loaded packages.
@@ -70,6 +75,8 @@ pub struct Conformance {
     pub packages: Vec<PackageInfo>,
     /// Decisions taken while loading (differing duplicates).
     pub notes: Vec<String>,
+    /// StructureDefinitions seen without a snapshot since the last package started.
+    pending_without_snapshot: usize,
 }
 
 fn wanted(file_name: &str) -> bool {
@@ -116,6 +123,9 @@ impl Conformance {
         };
         let Some(url) = h.url else { return false };
         let rt = h.resource_type;
+        if rt == "StructureDefinition" && h.snapshot.is_none() {
+            self.pending_without_snapshot += 1;
+        }
         let map = match rt.as_str() {
             "StructureDefinition" => &mut self.sds,
             "ValueSet" => &mut self.value_sets,
@@ -202,6 +212,7 @@ impl Conformance {
             version: String::new(),
             source: path.to_path_buf(),
             resources: 0,
+            without_snapshot: 0,
         };
         let entries = ar.entries().map_err(io)?;
         let mut buf = Vec::new();
@@ -239,6 +250,7 @@ impl Conformance {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
         }
+        info.without_snapshot = std::mem::take(&mut self.pending_without_snapshot);
         self.packages.push(info.clone());
         Ok(info)
     }
@@ -259,6 +271,7 @@ impl Conformance {
             version: String::new(),
             source: path.to_path_buf(),
             resources: 0,
+            without_snapshot: 0,
         };
         if let Ok(b) = std::fs::read(dir.join("package.json"))
             && let Ok(v) = serde_json::from_slice::<Value>(&b)
@@ -299,6 +312,7 @@ impl Conformance {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
         }
+        info.without_snapshot = std::mem::take(&mut self.pending_without_snapshot);
         self.packages.push(info.clone());
         Ok(info)
     }
@@ -332,7 +346,9 @@ impl Conformance {
             version: "4.0.1".into(),
             source: PathBuf::from("(built in)"),
             resources: n,
+            without_snapshot: 0,
         });
+        c.pending_without_snapshot = 0;
         c
     }
 

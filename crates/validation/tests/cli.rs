@@ -90,3 +90,20 @@ fn packages_install_then_validate_with_data_dir() {
         .is_err()
     );
 }
+
+#[test]
+fn differential_only_packages_are_flagged() {
+    let d = tmp("diffonly");
+    let info = tsunagi_validation::install_package(
+        &common::shared("fhir-packages/variants/jp-core.r4-1.1.2-pkgValidation.tgz"),
+        &d,
+    )
+    .unwrap();
+    assert!(info.without_snapshot > 50, "{info:?}");
+    let info = tsunagi_validation::install_package(
+        &common::shared("fhir-packages/jp-core.r4-1.1.2.tgz"),
+        &tmp("snap"),
+    )
+    .unwrap();
+    assert_eq!(info.without_snapshot, 0, "{info:?}");
+}
