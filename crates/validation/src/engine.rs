@@ -930,6 +930,20 @@ impl Engine {
                 st.err("value", path, format!("{} ({tc}) {msg}", e.path));
                 return;
             }
+            if let (Some(max), Some(s)) = (e.max_length, v.as_str())
+                && s.chars().count() as u64 > max
+            {
+                st.err(
+                    "too-long",
+                    path,
+                    format!(
+                        "{} is limited to {max} characters, found {} (profile {})",
+                        e.path,
+                        s.chars().count(),
+                        prof.name
+                    ),
+                );
+            }
             if let Some(b) = &e.binding
                 && tc == "code"
                 && let Some(s) = v.as_str()

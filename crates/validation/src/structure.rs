@@ -55,6 +55,8 @@ pub struct Elem {
     pub content_ref: Option<String>,
     pub fixed: Option<Value>,
     pub pattern: Option<Value>,
+    /// `ElementDefinition.maxLength` (characters) for string-like primitives.
+    pub max_length: Option<u64>,
     pub binding: Option<Binding>,
     pub constraints: Vec<Constraint>,
     /// Keys of constraints implemented natively (see [`NATIVE_CONSTRAINTS`]).
@@ -281,6 +283,7 @@ impl Profile {
                     .map(|s| s.trim_start_matches('#').to_string()),
                 fixed,
                 pattern,
+                max_length: el.get("maxLength").and_then(Value::as_u64),
                 binding,
                 constraints,
                 native_constraints,

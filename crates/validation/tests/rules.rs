@@ -383,3 +383,32 @@ fn builtin_checks_structure_without_packages() {
         "{issues:#?}"
     );
 }
+
+#[test]
+fn max_length() {
+    let mut conf = tsunagi_validation::Conformance::builtin_r4();
+    let mut sd = conf
+        .structure_definition("http://hl7.org/fhir/StructureDefinition/Patient")
+        .unwrap();
+    sd["url"] = json!("http://example.org/StructureDefinition/short-gender");
+    sd["derivation"] = json!("constraint");
+    for e in sd["snapshot"]["element"].as_array_mut().unwrap() {
+        if e["path"] == "Patient.gender" {
+            e["maxLength"] = json!(4);
+        }
+    }
+    conf.add_resource(sd);
+    let v = Validator::from_parts(conf, None);
+    let p = Some("http://example.org/StructureDefinition/short-gender");
+    assert!(!tsunagi_validation::has_errors(&v.validate(
+        &json!({"resourceType": "Patient", "gender": "male"}),
+        p
+    )));
+    let issues = v.validate(&json!({"resourceType": "Patient", "gender": "female"}), p);
+    assert!(
+        issues.iter().any(|i| i.severity == Severity::Error
+            && i.expression.as_deref() == Some("Patient.gender")
+            && i.message.contains("limited to 4")),
+        "{issues:#?}"
+    );
+}
