@@ -1026,6 +1026,11 @@ impl Engine {
                 );
             }
         }
+        if tc == "Reference"
+            && let Some(r) = obj.get("reference").and_then(Value::as_str)
+        {
+            self.check_reference_target(e, r, path, st);
+        }
         if tc == "Extension" && ei != 0 && t_profiles_empty(e, tc) {
             self.check_extension_by_url(obj, path, res, st);
         }
@@ -1078,6 +1083,55 @@ impl Engine {
             }
         }
         self.check_constraints(prof, ei, v, tc, path, res, st);
+    }
+
+    /// A reference that resolves (contained, or an entry of the Bundle) must point
+    /// at a resource type the element's `targetProfile`s allow.
+    fn check_reference_target(&self, e: &Elem, reference: &str, path: &str, st: &mut St<'_>) {
+        let Some(t) = e.types.iter().find(|t| t.code == "Reference") else {
+            return;
+        };
+        if t.target_profiles.is_empty() {
+            return;
+        }
+        let target = match reference.strip_prefix('#') {
+            Some(id) if !id.is_empty() => st
+                .roots
+                .last()
+                .and_then(|r| r.get("contained"))
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
+                }),
+            Some(_) => None,
+            None => self.resolve(reference, st),
+        };
+        let Some(rt) = target
+            .and_then(|r| r.get("resourceType"))
+            .and_then(Value::as_str)
+        else {
+            return;
+        };
+        let allowed: Vec<String> = t
+            .target_profiles
+            .iter()
+            .filter_map(|u| match self.profile(u) {
+                Some(p) => Some(p.type_name.clone()),
+                None => strip_version(u).rsplit('/').next().map(str::to_string),
+            })
+            .collect();
+        if !allowed.iter().any(|a| a == rt || a == "Resource") {
+            st.err(
+                "structure",
+                &format!("{path}.reference"),
+                format!(
+                    "Reference '{reference}' points to a {rt}, but {} allows only {}",
+                    e.path,
+                    allowed.join(", ")
+                ),
+            );
+        }
     }
 
     fn check_extension_by_url<'a>(

@@ -412,3 +412,18 @@ fn max_length() {
         "{issues:#?}"
     );
 }
+
+#[test]
+fn reference_target_type() {
+    let mut v = lab();
+    // encounter must reference an Encounter; point it at the contained Practitioner
+    v["encounter"] = json!({"reference": "#Example-Contained-JP-Practitioner-minimun-D002"});
+    let errs = errors(&v);
+    assert!(
+        errs.iter().any(
+            |i| i.expression.as_deref() == Some("Observation.encounter.reference")
+                && i.message.contains("points to a Practitioner")
+        ),
+        "{errs:#?}"
+    );
+}
