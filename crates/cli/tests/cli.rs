@@ -418,8 +418,20 @@ fn serve_on_postgres_starts_and_stops() {
         }
     };
     let schema = format!("tsunagi_cli_{}", std::process::id());
-    let setup = tsunagi_store::postgres::PgStore::connect_in_schema(&url, &schema, 1)
-        .expect("connect to TSUNAGI_TEST_PG");
+    /// Drops the test schema however the test ends.
+    struct TempSchema(tsunagi_store::postgres::PgStore, String);
+    impl Drop for TempSchema {
+        fn drop(&mut self) {
+            let _ = self
+                .0
+                .raw_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.1));
+        }
+    }
+    let _schema_guard = TempSchema(
+        tsunagi_store::postgres::PgStore::connect_in_schema(&url, &schema, 1)
+            .expect("connect to TSUNAGI_TEST_PG"),
+        schema.clone(),
+    );
     let option = format!("-c search_path={schema}");
     let database = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -482,5 +494,4 @@ fn serve_on_postgres_starts_and_stops() {
     };
     let rest: Vec<String> = rx.try_iter().collect();
     assert_eq!(status.code(), Some(0), "{}", rest.join("\n"));
-    let _ = setup.raw_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
 }
