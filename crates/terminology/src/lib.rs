@@ -212,6 +212,7 @@ pub struct Terminology {
     drugs: HashMap<String, Drug>,
     drugs_by_yj: HashMap<String, Vec<String>>,
     general_names: HashMap<String, String>,
+    drugs_by_general: HashMap<String, Vec<String>>,
     diseases: HashMap<String, Disease>,
     diseases_by_key: HashMap<String, String>,
     diseases_by_exchange: HashMap<String, Vec<String>>,
@@ -272,6 +273,7 @@ impl Terminology {
         self.drugs.clear();
         self.drugs_by_yj.clear();
         self.general_names.clear();
+        self.drugs_by_general.clear();
         for d in rows {
             if !d.yj_code.is_empty() {
                 self.drugs_by_yj
@@ -283,6 +285,10 @@ impl Terminology {
                 self.general_names
                     .entry(d.general_code.clone())
                     .or_insert_with(|| d.general_name.clone());
+                self.drugs_by_general
+                    .entry(d.general_code.clone())
+                    .or_default()
+                    .push(d.receipt_code.clone());
             }
             self.drugs.insert(d.receipt_code.clone(), d);
         }
@@ -401,10 +407,10 @@ impl Terminology {
     /// The drugs a brand-unspecified code (一般名コード `...ZZZ`) stands for.
     pub fn drugs_for_general_code(&self, code: &str) -> Vec<&Drug> {
         let mut v: Vec<&Drug> = self
-            .drugs
-            .values()
-            .filter(|d| d.general_code == code)
-            .collect();
+            .drugs_by_general
+            .get(code)
+            .map(|c| c.iter().filter_map(|r| self.drugs.get(r)).collect())
+            .unwrap_or_default();
         v.sort_by(|a, b| a.receipt_code.cmp(&b.receipt_code));
         v
     }
