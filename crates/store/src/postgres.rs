@@ -103,9 +103,21 @@ impl ManageConnection for Manager {
 
 /// The PostgreSQL store.
 pub struct PgStore {
-    pool: Pool<Manager>,
+    /// Always Some until drop (taken there, see `Drop`).
+    pool: Option<Pool<Manager>>,
     st: Statements,
     schema: Option<String>,
+}
+
+/// The synchronous client shuts down an internal runtime when a connection closes,
+/// which panics on an async runtime thread. Closing the pool on a plain thread
+/// makes dropping the store safe from anywhere (tests, shutdown, benchmarks).
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let _ = std::thread::spawn(move || drop(pool)).join();
+        }
+    }
 }
 
 impl PgStore {
@@ -149,7 +161,7 @@ impl PgStore {
             .build(manager)
             .map_err(pool_err)?;
         let store = PgStore {
-            pool,
+            pool: Some(pool),
             st: Statements::new(Dialect::Postgres),
             schema,
         };
@@ -158,7 +170,10 @@ impl PgStore {
     }
 
     fn conn(&self) -> FhirResult<PooledConnection<Manager>> {
-        self.pool.get().map_err(pool_err)
+        match &self.pool {
+            Some(pool) => pool.get().map_err(pool_err),
+            None => Err(FhirError::unavailable("the database pool is closed")),
+        }
     }
 
     /// Applies pending migrations under a transaction-scoped advisory lock, so

@@ -96,3 +96,18 @@ fn invalid_schema_name_is_rejected() {
     let Some(url) = url() else { return };
     assert!(PgStore::connect_in_schema(&url, "bad; DROP", 1).is_err());
 }
+
+/// The server drops the store when it shuts down, on an async runtime thread; the
+/// synchronous client must not panic there.
+#[test]
+fn dropping_the_store_on_an_async_runtime_thread_is_safe() {
+    let Some(url) = url() else { return };
+    let schema = fresh_schema();
+    let store = PgStore::connect_in_schema(&url, &schema, 2).expect("connect");
+    store.schema_version().expect("query");
+    let _ = store.raw_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move { drop(store) });
+}
