@@ -264,6 +264,12 @@ fn response_entry(
     entry
 }
 
+/// Checks a transaction or batch Bundle's shape without touching any data; returns
+/// the number of entries. Used by the fuzz targets and for pre-flight checks.
+pub fn check(bundle: &Value) -> FhirResult<usize> {
+    plan(bundle).map(|(_, p)| p.len())
+}
+
 pub async fn process(engine: &Engine, ctx: &Ctx, bundle: Value) -> FhirResult<Value> {
     let base = engine.base_url.clone();
     let (is_transaction, entries) = envelope(&bundle)?;
