@@ -44,6 +44,8 @@ pub struct PackageInfo {
 pub(crate) struct Raw {
     bytes: Box<[u8]>,
     date: String,
+    /// From the built-in R4 table: any package copy replaces it silently.
+    builtin: bool,
 }
 
 impl Raw {
@@ -77,6 +79,7 @@ pub struct Conformance {
     pub notes: Vec<String>,
     /// StructureDefinitions seen without a snapshot since the last package started.
     pending_without_snapshot: usize,
+    loading_builtin: bool,
 }
 
 fn wanted(file_name: &str) -> bool {
@@ -135,13 +138,16 @@ impl Conformance {
         let raw = Arc::new(Raw {
             bytes: bytes.to_vec().into_boxed_slice(),
             date: h.date.unwrap_or_default(),
+            builtin: self.loading_builtin,
         });
         let replace = match map.get(&url) {
             None => true,
+            Some(old) if old.builtin && !raw.builtin => true,
             Some(old) if old.bytes == raw.bytes => false,
             Some(old) => raw.date > old.date,
         };
         if let Some(old) = map.get(&url)
+            && !old.builtin
             && old.bytes != raw.bytes
         {
             let used = if replace { &raw.date } else { &old.date };
@@ -332,6 +338,7 @@ impl Conformance {
             return c;
         };
         let mut n = 0;
+        c.loading_builtin = true;
         for key in ["structureDefinitions", "valueSets", "codeSystems"] {
             if let Some(Value::Array(a)) = doc.remove(key) {
                 for r in a {
@@ -349,6 +356,7 @@ impl Conformance {
             without_snapshot: 0,
         });
         c.pending_without_snapshot = 0;
+        c.loading_builtin = false;
         c
     }
 

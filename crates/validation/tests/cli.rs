@@ -107,3 +107,21 @@ fn differential_only_packages_are_flagged() {
     .unwrap();
     assert_eq!(info.without_snapshot, 0, "{info:?}");
 }
+
+#[test]
+fn duplicate_canonicals_across_packages_are_decided_and_noted() {
+    let v =
+        tsunagi_validation::Validator::from_paths(&[common::shared("fhir-packages/current")], None)
+            .unwrap();
+    // the eClinicalSummary profiles are in JP-CLINS, eReferral and eDischargeSummary
+    assert!(v.has_profile("http://jpfhir.jp/fhir/eCS/StructureDefinition/JP_Patient_eCS"));
+    // the built-in R4 table is replaced silently by the R4 core package
+    assert!(
+        !v.load_notes()
+            .iter()
+            .any(|n| n.contains("http://hl7.org/fhir/StructureDefinition/Patient:")),
+        "{:?}",
+        &v.load_notes()[..v.load_notes().len().min(5)]
+    );
+    eprintln!("{} duplicate decisions", v.load_notes().len());
+}
