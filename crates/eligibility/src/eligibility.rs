@@ -1,13 +1,300 @@
-//! (to be written)
+//! `POST /fhir/$eligibility`: eligibility check (資格確認) by 保険者番号 + 記号 + 番号 +
+//! 枝番 + birth date, the 資格確認書 path at reception. Eligibility only, never
+//! clinical data.
+//!
+//! # Access decision
+//! Any care-facility staff (clerk included) may ask, for purpose treatment. The
+//! lookup runs as the platform (primary-key reads, no scope) inside this handler
+//! after that explicit check, and is audited (action `eligibility`, purpose
+//! treatment, the person as patient). This was preferred over an [`AccessRule`]
+//! permitting reads of Coverage/Patient: a rule sees only the operation, type and
+//! patient of a request, so it would open every person's Coverage and Patient to
+//! every clerk through the generic REST API. What justifies this access is that
+//! the caller already holds the member's numbers *and* birth date (the card in
+//! hand); only this handler can check that, and it answers nothing else.
+//!
+//! A wrong birth date answers exactly like an unknown number, so the operation
+//! cannot be used to probe which numbers exist.
+//!
+//! [`AccessRule`]: tsunagi_policy::AccessRule
 
 use axum::Router;
-use tsunagi_server::{AppState, OperationDecl};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::post;
+use chrono::NaiveDate;
+use serde_json::{Value, json};
+use tsunagi_fhir::{FhirError, FhirResult, query};
+use tsunagi_policy::audit::AuditRecord;
+use tsunagi_policy::identity::{Purpose, Role, role_allowed_for};
+use tsunagi_policy::ids::validate_insurer_number;
+use tsunagi_policy::policy::Operation;
+use tsunagi_server::engine::blocking;
+use tsunagi_server::http::extract::{Caller, FhirJson};
+use tsunagi_server::http::{ApiResult, fhir_json};
+use tsunagi_server::{AppState, Ctx, OperationDecl};
+use tsunagi_store::{Scope, Store, StoredResource};
+
+use crate::coverage::{
+    CoverageState, INSURANCE_MEMBER_SYSTEM, coverage_id, coverage_state, member_key,
+    parameters_map, today_jst,
+};
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    Router::new().route("/fhir/$eligibility", post(eligibility))
 }
 
-#[allow(dead_code)]
 pub fn operations() -> Vec<OperationDecl> {
-    Vec::new()
+    vec![
+        OperationDecl {
+            name: "eligibility",
+            resource_type: None,
+            documentation: "Eligibility check by 保険者番号, 記号, 番号, 枝番 and birth date (資格確認書); care-facility staff; eligibility only",
+        },
+        OperationDecl {
+            name: "register-coverage",
+            resource_type: None,
+            documentation: "Insurer registers a person's coverage (資格情報); insurer staff, own 保険者番号 only",
+        },
+    ]
+}
+
+/// A parsed `$eligibility` request.
+#[derive(Debug, Clone)]
+pub struct EligibilityQuery {
+    pub insurer_number: String,
+    pub symbol: String,
+    pub number: String,
+    pub branch: String,
+    pub birth_date: NaiveDate,
+    pub on: NaiveDate,
+}
+
+fn param_error(name: &str, msg: impl Into<String>) -> FhirError {
+    FhirError::invalid_element(
+        &format!("Parameters.parameter.where(name='{name}').value"),
+        msg,
+    )
+}
+
+impl EligibilityQuery {
+    pub fn from_parameters(body: &Value) -> FhirResult<Self> {
+        if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+            return Err(FhirError::bad_request(
+                Some("Parameters"),
+                "$eligibility takes a Parameters resource",
+            ));
+        }
+        let m = parameters_map(body);
+        let get = |k: &str| m.get(k).map(|s| s.trim().to_string()).unwrap_or_default();
+        let required = |k: &str| {
+            let v = get(k);
+            if v.is_empty() {
+                Err(param_error(k, format!("{k} is required")))
+            } else {
+                Ok(v)
+            }
+        };
+        let insurer_number = required("insurerNumber")?;
+        validate_insurer_number(&insurer_number)
+            .map_err(|e| param_error("insurerNumber", e.to_string()))?;
+        let number = required("number")?;
+        let branch = required("branch")?;
+        if !(branch.len() == 2 && branch.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(param_error("branch", "枝番 must be exactly two digits"));
+        }
+        let date = |k: &str, v: &str| {
+            NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                .map_err(|_| param_error(k, format!("'{v}' is not a date (YYYY-MM-DD)")))
+        };
+        let birth_date = date("birthDate", &required("birthDate")?)?;
+        let on = match get("date") {
+            d if d.is_empty() => today_jst(),
+            d => date("date", &d)?,
+        };
+        Ok(EligibilityQuery {
+            insurer_number,
+            symbol: get("symbol"),
+            number,
+            branch,
+            birth_date,
+            on,
+        })
+    }
+
+    pub fn member_key(&self) -> String {
+        member_key(
+            &self.insurer_number,
+            &self.symbol,
+            &self.number,
+            &self.branch,
+        )
+    }
+}
+
+/// The answer before rendering.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// eligible, ended, not-started, cancelled, not-found
+    pub status: &'static str,
+    pub message: String,
+    pub coverage: Option<StoredResource>,
+    pub patient: Option<StoredResource>,
+}
+
+/// Looks the member up (platform read; see the module docs) and judges eligibility.
+pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
+    let key = q.member_key();
+    let not_found = || Answer {
+        status: "not-found",
+        message: "no coverage matches these insurance numbers and birth date".into(),
+        coverage: None,
+        patient: None,
+    };
+    // Registered coverage: primary key derived from the member key.
+    let mut candidates: Vec<StoredResource> = store
+        .read("Coverage", &coverage_id(&key))?
+        .filter(|c| !c.deleted)
+        .into_iter()
+        .collect();
+    if candidates.is_empty() {
+        // Coverage written otherwise (e.g. plain FHIR create): identifier token search.
+        let sq = query::parse(
+            "Coverage",
+            &[
+                (
+                    "identifier".into(),
+                    format!("{INSURANCE_MEMBER_SYSTEM}|{key}"),
+                ),
+                ("_count".into(), "10".into()),
+            ],
+        )?;
+        candidates = store.search(&sq, &Scope::Unrestricted)?.matches;
+    }
+    let birth = q.birth_date.to_string();
+    for cov in candidates {
+        let Some(c) = cov.resource.as_ref() else {
+            continue;
+        };
+        let Some(pid) = c
+            .pointer("/beneficiary/reference")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("Patient/"))
+        else {
+            continue;
+        };
+        let Some(patient) = store.read("Patient", pid)?.filter(|p| !p.deleted) else {
+            continue;
+        };
+        let born = patient
+            .resource
+            .as_ref()
+            .and_then(|p| p.get("birthDate"))
+            .and_then(Value::as_str);
+        if born != Some(birth.as_str()) {
+            continue;
+        }
+        let (status, message) = match coverage_state(c, q.on) {
+            CoverageState::Current => ("eligible", format!("coverage is valid on {}", q.on)),
+            CoverageState::Ended(d) => ("ended", format!("coverage ended on {d} (資格喪失)")),
+            CoverageState::NotStarted(d) => ("not-started", format!("coverage starts on {d}")),
+            CoverageState::Cancelled => ("cancelled", "coverage was cancelled".to_string()),
+        };
+        return Ok(Answer {
+            status,
+            message,
+            coverage: Some(cov),
+            patient: Some(patient),
+        });
+    }
+    Ok(not_found())
+}
+
+/// Identity-confirmation view of the person: name (kanji, kana), sex, birth date.
+fn identity_view(p: &Value) -> Value {
+    let mut v = json!({"resourceType": "Patient", "id": p["id"]});
+    for k in ["name", "gender", "birthDate"] {
+        if let Some(x) = p.get(k) {
+            v[k] = x.clone();
+        }
+    }
+    v
+}
+
+/// Renders the answer as a Parameters resource.
+pub fn render(a: &Answer, on: NaiveDate) -> Value {
+    let eligible = a.status == "eligible";
+    let mut params = vec![
+        json!({"name": "eligible", "valueBoolean": eligible}),
+        json!({"name": "status", "valueCode": a.status}),
+        json!({"name": "message", "valueString": a.message}),
+        json!({"name": "date", "valueDate": on.to_string()}),
+    ];
+    if let Some(c) = a.coverage.as_ref().and_then(|c| c.resource.as_ref()) {
+        if eligible {
+            params.push(json!({"name": "coverage", "resource": c}));
+        } else if let Some(end) = c.pointer("/period/end") {
+            params.push(json!({"name": "endDate", "valueDate": end}));
+        }
+    }
+    if eligible && let Some(p) = a.patient.as_ref().and_then(|p| p.resource.as_ref()) {
+        params.push(json!({"name": "patient", "resource": identity_view(p)}));
+    }
+    json!({"resourceType": "Parameters", "parameter": params})
+}
+
+/// Whether the caller may ask: staff of a care facility acting for treatment.
+pub fn may_check(ctx: &Ctx) -> Result<(), String> {
+    let p = &ctx.principal;
+    let staff = p.role.is_clinical() || p.role == Role::Clerk;
+    if !(staff && p.org_kind.is_care_facility() && role_allowed_for(p.org_kind, p.role)) {
+        return Err(format!(
+            "$eligibility is for care-facility staff; role {} at a {} may not use it",
+            p.role, p.org_kind
+        ));
+    }
+    if ctx.purpose != Purpose::Treatment {
+        return Err(format!(
+            "$eligibility is answered for purpose treatment, not {}",
+            ctx.purpose
+        ));
+    }
+    Ok(())
+}
+
+async fn eligibility(
+    State(state): State<AppState>,
+    Caller(ctx): Caller,
+    FhirJson(body): FhirJson,
+) -> ApiResult<Response> {
+    let engine = &state.engine;
+    if let Err(reason) = may_check(&ctx) {
+        return Err(engine
+            .deny(&ctx, Operation::Read, None, vec!["Coverage".into()], reason)
+            .await
+            .into());
+    }
+    let q = EligibilityQuery::from_parameters(&body)?;
+    let store = engine.store.clone();
+    let q2 = q.clone();
+    let answer = blocking(move || lookup(&*store, &q2)).await?;
+    let mut resources = Vec::new();
+    for s in [&answer.coverage, &answer.patient].into_iter().flatten() {
+        resources.push(format!(
+            "{}/{}/_history/{}",
+            s.resource_type, s.id, s.version
+        ));
+    }
+    let mut rec = AuditRecord::new(
+        &ctx.principal,
+        ctx.purpose,
+        "eligibility",
+        ctx.request_id.clone(),
+    )
+    .with_patient(answer.patient.as_ref().map(|p| p.id.clone()))
+    .with_resources(resources);
+    rec.reason = Some(format!("eligibility answer: {}", answer.status));
+    engine.audit.record(rec).await?;
+    Ok(fhir_json(StatusCode::OK, &render(&answer, q.on)))
 }
