@@ -479,6 +479,10 @@ pub fn ensure(store: &dyn Store, dir: &Path) -> anyhow::Result<String> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         tx.commit().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    // Each demo patient holds a My Number card: DIR/cards/pt-NN.card.json (see docs/API.md).
+    let ids: Vec<String> = (1..=PATIENTS.len()).map(|n| format!("pt-{n:02}")).collect();
+    tsunagi_eligibility::cards::issue_demo_cards(store, dir, &ids)
+        .map_err(|e| anyhow::anyhow!("demo cards: {e}"))?;
     let listing = json!({
         "organisations": orgs.iter().map(|o| json!({"id": o.id, "code": o.code, "kind": o.kind.as_str(), "name": o.name, "flags": o.flags})).collect::<Vec<_>>(),
         "patients": listing_patients,

@@ -129,9 +129,10 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let dir = config.data_dir.clone();
         let validator = tokio::task::spawn_blocking(move || tsunagi_validation::Validator::load(&dir)).await??;
         tracing::info!(packages = validator.packages().len(), "validator loaded");
+        let eligibility = tsunagi_eligibility::EligibilityService::open(store.clone(), &config.data_dir, Default::default()).map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
-            .service(Arc::new(tsunagi_eligibility::EligibilityService::new(Default::default())))
+            .service(Arc::new(eligibility))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;

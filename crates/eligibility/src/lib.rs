@@ -12,11 +12,15 @@
 //! - [`facility`]: per-facility settings (hide clinical history).
 //! - [`selfservice`]: the patient's own API (eligibility, consents, access history).
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use axum::{Extension, Router};
-use tsunagi_policy::AccessRule;
+use chrono::{DateTime, Utc};
+use tsunagi_fhir::FhirResult;
+use tsunagi_policy::{AccessRule, Role};
 use tsunagi_server::{AppState, OperationDecl, ServiceModule};
+use tsunagi_store::Store;
 
 pub mod bulk;
 pub mod cards;
@@ -30,13 +34,60 @@ pub mod facility;
 pub mod reception;
 pub mod selfservice;
 
+/// The service's clock. Grants, sessions and declarations are judged against it,
+/// so tests can place "now" exactly (one second before or after an expiry).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The real time.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that stays where it is put (tests).
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(t: DateTime<Utc>) -> Self {
+        ManualClock(Mutex::new(t))
+    }
+    pub fn set(&self, t: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+    pub fn advance(&self, d: chrono::Duration) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *g += d;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// State shared by the service's handlers and its access rules.
 pub struct Shared {
     pub consent: consent::Grants,
     pub emergency: emergency::Sessions,
     pub disaster: disaster::Declarations,
     pub reception: reception::Nonces,
+    pub facility: facility::Settings,
+    /// The card authority's key (stands in for J-LIS): verifies card certificates.
+    pub cards: cards::CardAuthority,
+    pub clock: Arc<dyn Clock>,
     pub config: Config,
+}
+
+impl Shared {
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
 }
 
 /// Service settings.
@@ -44,18 +95,30 @@ pub struct Shared {
 pub struct Config {
     /// Lifetime of an outpatient consent grant (default 24 hours).
     pub outpatient_grant_secs: i64,
+    /// Longest an inpatient grant lasts when no discharge is recorded (default 180 days).
+    pub inpatient_grant_max_secs: i64,
     /// Lifetime of a reception nonce (default 5 minutes).
     pub nonce_ttl_secs: i64,
     /// Lifetime of an emergency access session (default 2 hours).
     pub emergency_session_secs: i64,
+    /// Lifetime of a patient token obtained with the card (default 15 minutes).
+    pub self_service_token_secs: i64,
+    /// Roles that read clinical data under a consent grant (default doctor, dentist, pharmacist).
+    pub qualified_roles: Vec<Role>,
+    /// Roles that may open an emergency access session (default doctor).
+    pub emergency_roles: Vec<Role>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             outpatient_grant_secs: 24 * 3600,
+            inpatient_grant_max_secs: 180 * 24 * 3600,
             nonce_ttl_secs: 300,
             emergency_session_secs: 2 * 3600,
+            self_service_token_secs: 900,
+            qualified_roles: vec![Role::Doctor, Role::Dentist, Role::Pharmacist],
+            emergency_roles: vec![Role::Doctor],
         }
     }
 }
@@ -67,16 +130,53 @@ pub struct EligibilityService {
 }
 
 impl EligibilityService {
+    /// Empty in-memory state with a throw-away card authority (unit tests of
+    /// handlers that need no persisted grants). Servers use [`EligibilityService::open`].
     pub fn new(config: Config) -> Self {
+        Self::in_memory(config, Arc::new(SystemClock))
+    }
+
+    /// Empty in-memory state on the given clock (policy-level tests).
+    pub fn in_memory(config: Config, clock: Arc<dyn Clock>) -> Self {
+        Self::from_parts(cards::CardAuthority::ephemeral(), clock, config)
+    }
+
+    fn from_parts(cards: cards::CardAuthority, clock: Arc<dyn Clock>, config: Config) -> Self {
         EligibilityService {
             shared: Arc::new(Shared {
                 consent: consent::Grants::default(),
                 emergency: emergency::Sessions::default(),
                 disaster: disaster::Declarations::default(),
                 reception: reception::Nonces::default(),
+                facility: facility::Settings::default(),
+                cards,
+                clock,
                 config,
             }),
         }
+    }
+
+    /// Opens the service over the store: loads (or creates) the card authority key
+    /// in `DATA_DIR/keys/`, and the live consent grants, disaster declarations and
+    /// facility settings from the store.
+    pub fn open(store: Arc<dyn Store>, data_dir: &Path, config: Config) -> FhirResult<Self> {
+        Self::open_with_clock(store, data_dir, config, Arc::new(SystemClock))
+    }
+
+    /// As [`EligibilityService::open`] with an injected clock.
+    pub fn open_with_clock(
+        store: Arc<dyn Store>,
+        data_dir: &Path,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> FhirResult<Self> {
+        let ca = cards::CardAuthority::load_or_create(data_dir)?;
+        let svc = Self::from_parts(ca, clock, config);
+        let now = svc.shared.now();
+        svc.shared.consent.load(&*store, now)?;
+        svc.shared.disaster.load(&*store)?;
+        svc.shared.facility.load(&*store)?;
+        Ok(svc)
     }
 }
 
@@ -104,6 +204,8 @@ impl ServiceModule for EligibilityService {
         ops.extend(reception::operations());
         ops.extend(emergency::operations());
         ops.extend(disaster::operations());
+        ops.extend(facility::operations());
+        ops.extend(selfservice::operations());
         ops
     }
 
