@@ -129,7 +129,11 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let dir = config.data_dir.clone();
         let validator = tokio::task::spawn_blocking(move || tsunagi_validation::Validator::load(&dir)).await??;
         tracing::info!(packages = validator.packages().len(), "validator loaded");
-        let eligibility = tsunagi_eligibility::EligibilityService::open(store.clone(), &config.data_dir, Default::default()).map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
+        // Opening reads the store: off the runtime (the PostgreSQL client blocks on a runtime of its own).
+        let (st, dir) = (store.clone(), config.data_dir.clone());
+        let eligibility = tokio::task::spawn_blocking(move || tsunagi_eligibility::EligibilityService::open(st, &dir, Default::default()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
