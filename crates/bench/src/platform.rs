@@ -132,11 +132,38 @@ fn proc_mem(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn proc_cpu(pid: &str) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = text.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // after the command: state is field 3, utime 14 and stime 15 (1-based)
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// Adds the CPU the server and this load generator spent in a phase (robust to a
+/// shared machine: wall-clock rates fall with contention, CPU per request does not).
+fn add_cpu(v: &mut Value, server_pid: u32, server0: f64, client0: f64, requests: f64) {
+    let server = proc_cpu(&server_pid.to_string()) - server0;
+    let client = proc_cpu("self") - client0;
+    v["server_cpu_s"] = json!(round2(server));
+    v["client_cpu_s"] = json!(round2(client));
+    v["server_cpu_us_per_request"] = json!((server * 1e6 / requests.max(1.0)).round());
+}
+
 struct Ctx {
     args: PlatformArgs,
     tsunagi: PathBuf,
     data_dir: PathBuf,
     synth: Synth,
+    /// CPU seconds of the last `tsunagi` command (sampled every 50 ms).
+    last_cpu: std::cell::Cell<f64>,
 }
 
 impl Ctx {
@@ -165,13 +192,16 @@ impl Ctx {
             .with_context(|| format!("running {}", self.tsunagi.display()))?;
         let pid = child.id();
         let mut peak = 0;
+        let mut cpu = 0.0f64;
         loop {
             if let Some(_status) = child.try_wait()? {
                 break;
             }
             peak = peak.max(proc_mem(pid).0);
-            std::thread::sleep(Duration::from_millis(100));
+            cpu = cpu.max(proc_cpu(&pid.to_string()));
+            std::thread::sleep(Duration::from_millis(50));
         }
+        self.last_cpu.set(cpu);
         let out = child.wait_with_output()?;
         let secs = started.elapsed().as_secs_f64();
         if !out.status.success() {
@@ -205,9 +235,9 @@ fn fresh_pg_database(url: &str) -> anyhow::Result<()> {
         bail!("database name '{name}' must be [A-Za-z0-9_]+");
     }
     let mut c = postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls)?;
-    c.batch_execute(&format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-    ))?;
+    // separate statements: DROP/CREATE DATABASE cannot run in a transaction block
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+    c.batch_execute(&format!("CREATE DATABASE {name}"))?;
     Ok(())
 }
 
@@ -261,6 +291,7 @@ pub fn run(args: PlatformArgs) -> anyhow::Result<()> {
         data_dir,
         synth,
         args,
+        last_cpu: std::cell::Cell::new(0.0),
     };
     let machine = machine();
     eprintln!("machine: {machine}");
@@ -280,7 +311,12 @@ pub fn run(args: PlatformArgs) -> anyhow::Result<()> {
 }
 
 fn human(r: &Value) {
-    let ms = |v: &Value| format!("p50 {} ms, p99 {} ms", v["p50_ms"], v["p99_ms"]);
+    let ms = |v: &Value| {
+        format!(
+            "p50 {} ms, p99 {} ms; server CPU {} us/request",
+            v["p50_ms"], v["p99_ms"], v["server_cpu_us_per_request"]
+        )
+    };
     eprintln!(
         "\n== platform core: {} backend, {} patients, {} resources ==",
         r["backend"], r["patients"], r["resources"]
@@ -294,6 +330,10 @@ fn human(r: &Value) {
         r["ingest_transaction"]["resources_per_second"],
         r["ingest_transaction"]["bundles_per_second"],
         ms(&r["ingest_transaction"]["latency"])
+    );
+    eprintln!(
+        "  server CPU per transaction-ingested resource: {} us",
+        r["ingest_transaction"]["server_cpu_us_per_request"]
     );
     eprintln!(
         "read:                   {}/s, {}",
@@ -364,6 +404,7 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
 
     // 3. import
     let mut import_secs = 0.0;
+    let mut import_cpu = 0.0;
     let mut import_peak = 0;
     for (i, f) in files.iter().enumerate() {
         let h = hospital(i);
@@ -373,6 +414,7 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
         let (out, secs, peak) = ctx.tsunagi(&cmd)?;
         eprintln!("import hospital {i}: {}", out.trim());
         import_secs += secs;
+        import_cpu += ctx.last_cpu.get();
         import_peak = import_peak.max(peak);
         let _ = std::fs::remove_file(f);
     }
@@ -382,6 +424,8 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
         "seconds": round2(import_secs),
         "resources_per_second": round2(import_resources as f64 / import_secs),
         "import_process_peak_rss_mib": import_peak / 1024,
+        "import_cpu_s": round2(import_cpu),
+        "resources_per_cpu_second": round2(import_resources as f64 / import_cpu.max(1e-9)),
     });
     eprintln!("import: {ingest_import}");
 
@@ -433,7 +477,10 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             .build()?;
         wait_ready(&client, &base).await?;
         eprintln!("server up (pid {pid}); HTTP ingest ...");
-        let ingest_tx = http_ingest(ctx, &client, &base, &tokens).await?;
+        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+        let mut ingest_tx = http_ingest(ctx, &client, &base, &tokens).await?;
+        let n = ingest_tx["resources"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut ingest_tx, pid, c0, s0, n);
         eprintln!("transaction ingest: {ingest_tx}");
         let (hwm_after_ingest, _) = proc_mem(pid);
 
@@ -443,17 +490,21 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
 
         eprintln!("reads ...");
         let s = synth.clone();
-        let read = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
+        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+        let mut read = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
             let n = rng.below(patients);
             let (rt, id) = resource_ref(n, rng.below(RESOURCES_PER_PATIENT as u64) as usize);
             (s.hospital_of(n), format!("/fhir/{rt}/{id}"), vec![])
         })
         .await;
+        let n = read["requests"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut read, pid, c0, s0, n);
         eprintln!("read: {read}");
 
         let mut searches = serde_json::Map::new();
         let s = synth.clone();
-        let obs = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
+        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+        let mut obs = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
             let n = rng.below(patients);
             let k = s.key(n);
             let code = rng.pick(&k.lab_codes).clone();
@@ -469,11 +520,14 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             )
         })
         .await;
+        let n = obs["requests"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut obs, pid, c0, s0, n);
         eprintln!("search observation: {obs}");
         searches.insert("a_observation_patient_code_sort_date".into(), obs);
 
         let s = synth.clone();
-        let ident = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
+        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+        let mut ident = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
             let k = s.key(rng.below(patients));
             (
                 k.hospital,
@@ -482,11 +536,14 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             )
         })
         .await;
+        let n = ident["requests"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut ident, pid, c0, s0, n);
         eprintln!("search identifier: {ident}");
         searches.insert("b_patient_identifier".into(), ident);
 
         let s = synth.clone();
-        let cond = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
+        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+        let mut cond = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
             let k = s.key(rng.below(patients));
             (
                 k.hospital,
@@ -495,11 +552,14 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             )
         })
         .await;
+        let n = cond["requests"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut cond, pid, c0, s0, n);
         eprintln!("search condition: {cond}");
         searches.insert("c_condition_patient".into(), cond);
 
         let s = synth.clone();
-        let name = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
+        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+        let mut name = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
             let k = s.key(rng.below(patients));
             let prefix: String = k.family_kana.chars().take(2).collect();
             (
@@ -512,6 +572,8 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             )
         })
         .await;
+        let n = name["requests"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut name, pid, c0, s0, n);
         eprintln!("search name+birthdate: {name}");
         searches.insert("d_patient_kana_name_birth_month".into(), name);
 
