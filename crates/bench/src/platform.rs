@@ -799,7 +799,7 @@ async fn load(
                     Ok(r) if r.status().is_success() => match r.bytes().await {
                         Ok(body) => {
                             lat.push(t0.elapsed().as_micros() as u64);
-                            if i % 50 == 0 {
+                            if i.is_multiple_of(50) {
                                 let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                                 let n = match v["resourceType"].as_str() {
                                     Some("Bundle") => {

@@ -410,9 +410,8 @@ impl Synth {
                 "serviceProvider": {"reference": format!("Organization/{}", h.id), "display": h.name}
             }));
         }
-        for i in 0..3 {
+        for (i, &d) in enc_days.iter().enumerate() {
             let c = *r.pick(CONDITIONS);
-            let d = enc_days[i];
             out.push(json!({
                 "resourceType": "Condition",
                 "id": format!("cond-{n:07}-{i}"),
