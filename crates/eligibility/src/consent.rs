@@ -288,7 +288,8 @@ impl Grants {
             .or_default()
             .entry(g.patient.clone())
             .or_default();
-        list.retain(|x| x.id != g.id);
+        // drop this pair's grants that ended before the new one starts
+        list.retain(|x| x.id != g.id && x.end > g.start);
         list.push(g);
     }
 

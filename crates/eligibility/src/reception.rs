@@ -38,6 +38,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/fhir/$reception-nonce", post(nonce))
         .route("/fhir/$reception", post(reception))
+        .route("/fhir/$discharge", post(discharge))
 }
 
 pub fn operations() -> Vec<OperationDecl> {
@@ -51,6 +52,11 @@ pub fn operations() -> Vec<OperationDecl> {
             name: "reception",
             resource_type: None,
             documentation: "Card reception: certificate + signature over the nonce, identity check, consent choices (A, B, C) -> eligibility and a consent grant",
+        },
+        OperationDecl {
+            name: "discharge",
+            resource_type: None,
+            documentation: "Ends the caller facility's inpatient consent grants for a patient (discharge)",
         },
     ]
 }
@@ -532,6 +538,63 @@ async fn do_reception(
         StatusCode::OK,
         &json!({"resourceType": "Parameters", "parameter": out}),
     ))
+}
+
+/// `POST /fhir/$discharge` {patient}: the facility records a discharge; its live
+/// inpatient grants for the patient end now (audited as `discharge`).
+async fn discharge(
+    State(state): State<AppState>,
+    Extension(shared): Extension<Arc<Shared>>,
+    Caller(ctx): Caller,
+    FhirJson(body): FhirJson,
+) -> ApiResult<Response> {
+    let run = async {
+        reception_staff(&ctx).map_err(|e| (None, e))?;
+        let p = Params::parse(&body).map_err(|e| (None, e))?;
+        let patient = p.required("patient").map_err(|e| (None, e))?;
+        let patient = patient
+            .strip_prefix("Patient/")
+            .unwrap_or(&patient)
+            .to_string();
+        let now = shared.now();
+        let live: Vec<Grant> = shared
+            .consent
+            .live(&ctx.principal.org, &patient, GrantKind::Reception, now)
+            .into_iter()
+            .filter(|g| g.setting == "inpatient")
+            .collect();
+        if live.is_empty() {
+            return Err((
+                Some(patient.clone()),
+                FhirError::not_found(format!(
+                    "no live inpatient consent of Patient/{patient} at this facility"
+                )),
+            ));
+        }
+        let ended: Vec<Grant> = live
+            .iter()
+            .cloned()
+            .map(|mut g| {
+                g.end = now;
+                g
+            })
+            .collect();
+        let (store, c2, e2) = (state.engine.store.clone(), ctx.clone(), ended.clone());
+        blocking(move || write_grants(&*store, &c2, "discharge", &[], &e2))
+            .await
+            .map_err(|e| (Some(patient.clone()), e))?;
+        for g in &live {
+            shared.consent.remove(&g.org, &g.patient, &g.id);
+        }
+        Ok(fhir_json(
+            StatusCode::OK,
+            &json!({"resourceType": "Parameters", "parameter": ended.iter().map(|g| json!({"name": "ended", "resource": g.to_resource("inactive")})).collect::<Vec<_>>()}),
+        ))
+    };
+    match run.await {
+        Ok(r) => Ok(r),
+        Err((patient, e)) => Err(refuse(&state, &ctx, "discharge", patient, e).await.into()),
+    }
 }
 
 #[cfg(test)]

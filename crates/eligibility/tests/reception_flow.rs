@@ -430,6 +430,21 @@ async fn inpatient_and_hidden_history(b: Backend) {
     assert_eq!(s.get(&doctor, "/fhir/Coverage/p1-cov").await.status, 200);
     let r = s.get(&doctor, "/fhir/$facility-settings").await;
     assert_eq!(r.body["parameter"][1]["valueBoolean"], true, "{}", r.text);
+    // discharge ends the admission's grant now
+    let r = s.post(&doctor, "/fhir/$discharge", &json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/p1"}}]})).await;
+    assert_eq!(r.status, 400, "{}", r.text); // valueReference is not a string parameter
+    let r = s.post(&doctor, "/fhir/$discharge", &json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueString": "Patient/p1"}]})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.get(&doctor, "/fhir/MedicationRequest/p1-med")
+        .await
+        .refused(403, "");
+    s.post(&doctor, "/fhir/$discharge", &json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueString": "p1"}]})).await.refused(404, "no live inpatient consent");
+    assert_eq!(
+        s.reception(&doctor, &card, [true, true, true], "inpatient")
+            .await
+            .status,
+        200
+    );
     // the setting survives a restart
     let now = s.now();
     let s = s.restart(now).await;
