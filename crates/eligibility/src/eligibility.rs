@@ -14,7 +14,8 @@
 //! hand); only this handler can check that, and it answers nothing else.
 //!
 //! A wrong birth date answers exactly like an unknown number, so the operation
-//! cannot be used to probe which numbers exist.
+//! cannot be used to probe which numbers exist. Only Coverage written by the insurer
+//! named in the request (author organisation = 保険者番号) is considered.
 //!
 //! [`AccessRule`]: tsunagi_policy::AccessRule
 
@@ -174,6 +175,11 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
     }
     let birth = q.birth_date.to_string();
     for cov in candidates {
+        // Only the insurer's own word counts: a Coverage written by anyone else (a
+        // care facility may write Coverage too) never makes a person eligible.
+        if cov.author_org.as_deref() != Some(q.insurer_number.as_str()) {
+            continue;
+        }
         let Some(c) = cov.resource.as_ref() else {
             continue;
         };

@@ -619,6 +619,12 @@ async fn eligibility_answers(b: Backend) {
             .contains("2025-09-30")
     );
     assert!(param(&r.body, "coverage").is_none() && param(&r.body, "patient").is_none());
+    // a Coverage written by a care facility (not the insurer) never makes anyone eligible
+    let forged = json!({"resourceType": "Coverage", "status": "active",
+        "identifier": [{"system": "http://jpfhir.jp/fhir/ccs/Idsysmem/JP_Insurance_member", "value": format!("{}:記号1:9999:00", ins_a())}],
+        "beneficiary": {"reference": format!("Patient/{pid}")}, "payor": [{"display": "x"}]});
+    let r = s.post(&s.clerk(), "/fhir/Coverage", &forged).await;
+    assert_eq!(r.status, 201, "{}", r.text);
     // not found
     let r = s
         .eligibility(&eligibility_query(&ins_a(), "9999", "1985-06-15"))
