@@ -366,44 +366,27 @@ impl Engine {
     ) -> FhirResult<Written> {
         check_type(resource_type)?;
         check_shape(&resource, Some(resource_type))?;
-        let condition = match if_none_exist {
-            Some(q) => Some(parse_condition(resource_type, q)?),
-            None => None,
-        };
-        let cond_scope = match &condition {
-            Some(_) => Some(self.scope(ctx, resource_type).await?),
-            None => None,
-        };
-        let work = WriteWork::new(self, ctx);
-        let rt = resource_type.to_string();
-        let out = blocking(move || {
-            let mut tx = work.store.begin()?;
-            if let (Some(q), Some(scope)) = (condition, cond_scope) {
-                let found = tx.search(&q, &scope)?;
-                match found.total {
-                    0 => {}
-                    1 => {
+        let (rt, condition) = (resource_type.to_string(), if_none_exist.map(str::to_string));
+        self.write(ctx, move |work, tx| {
+            if let Some(cond) = &condition {
+                match work.find_in(tx, &rt, cond)? {
+                    Err(d) => return Ok(Err(d)),
+                    Ok(Some(stored)) => {
+                        // Returning the existing resource discloses it: audited as a read.
+                        let patient = patient_of(&stored);
+                        work.audit_ok(tx, Operation::Read, &stored, patient)?;
                         return Ok(Ok(Written {
-                            stored: found.matches.into_iter().next().expect("one match"),
+                            stored,
                             created: false,
                         }));
                     }
-                    n => {
-                        return Err(FhirError::precondition_failed(format!(
-                            "If-None-Exist matched {n} resources; it must match at most one"
-                        )));
-                    }
+                    Ok(None) => {}
                 }
             }
             let id = uuid::Uuid::new_v4().to_string();
-            let r = work.create_in(&mut *tx, &rt, &id, resource)?;
-            if r.is_ok() {
-                tx.commit()?;
-            }
-            Ok(r)
+            work.create_in(tx, &rt, &id, resource)
         })
-        .await?;
-        self.finish(ctx, out).await
+        .await
     }
 
     /// Update (or update-as-create when absent). `if_match` is the expected current version.
@@ -432,18 +415,11 @@ impl Engine {
                 ));
             }
         }
-        let work = WriteWork::new(self, ctx);
         let (rt, rid) = (resource_type.to_string(), id.to_string());
-        let out = blocking(move || {
-            let mut tx = work.store.begin()?;
-            let r = work.update_in(&mut *tx, &rt, &rid, resource, if_match)?;
-            if r.is_ok() {
-                tx.commit()?;
-            }
-            Ok(r)
+        self.write(ctx, move |work, tx| {
+            work.update_in(tx, &rt, &rid, resource, if_match)
         })
-        .await?;
-        self.finish(ctx, out).await
+        .await
     }
 
     /// Logical delete. Deleting what does not exist (or no longer exists) succeeds with None.
@@ -455,11 +431,24 @@ impl Engine {
         if_match: Option<i64>,
     ) -> FhirResult<Option<StoredResource>> {
         check_type(resource_type)?;
-        let work = WriteWork::new(self, ctx);
         let (rt, rid) = (resource_type.to_string(), id.to_string());
+        self.write(ctx, move |work, tx| work.delete_in(tx, &rt, &rid, if_match))
+            .await
+    }
+
+    /// Runs one write in its own transaction, committed only when the policy
+    /// permitted it; a denial rolls back and is audited.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        ctx: &Ctx,
+        op: impl FnOnce(&WriteWork, &mut dyn Transaction) -> FhirResult<Result<T, Denied>>
+        + Send
+        + 'static,
+    ) -> FhirResult<T> {
+        let work = WriteWork::new(self, ctx);
         let out = blocking(move || {
             let mut tx = work.store.begin()?;
-            let r = work.delete_in(&mut *tx, &rt, &rid, if_match)?;
+            let r = op(&work, &mut *tx)?;
             if r.is_ok() {
                 tx.commit()?;
             }
@@ -724,7 +713,7 @@ impl WriteWork {
             0 => Ok(Ok(None)),
             1 => Ok(Ok(found.matches.into_iter().next())),
             n => Err(FhirError::precondition_failed(format!(
-                "ifNoneExist matched {n} resources; it must match at most one"
+                "the If-None-Exist condition matched {n} resources; it must match at most one"
             ))),
         }
     }

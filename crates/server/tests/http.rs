@@ -246,6 +246,19 @@ async fn conditional_create(backend: Backend) {
             .await,
         vec![first.clone()]
     );
+    // returning the existing resource disclosed it: a read is in the audit trail
+    let audit = s
+        .get(&s.operator(), &format!("/audit/events?patient={first}"))
+        .await;
+    assert_eq!(audit.status, 200, "{}", audit.text);
+    let actions: Vec<&str> = audit.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["record"]["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"create"), "{actions:?}");
+    assert!(actions.contains(&"read"), "{actions:?}");
 
     // two matches: 412, and still exactly two
     let second = s
