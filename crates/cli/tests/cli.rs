@@ -495,3 +495,81 @@ fn serve_on_postgres_starts_and_stops() {
     let rest: Vec<String> = rx.try_iter().collect();
     assert_eq!(status.code(), Some(0), "{}", rest.join("\n"));
 }
+
+fn http_get_bearer(url: &str, token: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("GET");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    })
+}
+
+/// Masters imported with `tsunagi masters import` answer `CodeSystem/$lookup` and
+/// `$validate-code` on the running server.
+#[test]
+fn imported_masters_answer_lookup_and_validate_code() {
+    let master = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/masters/drug-master-y.csv"
+    );
+    assert!(
+        Path::new(master).exists(),
+        "reference drug master missing: {master}"
+    );
+    let dir = demo_dir();
+    let o = tsunagi()
+        .args(["masters", "import", master, "--kind", "drug", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run masters import");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_server, url) = start_demo(dir.path());
+    let o = tsunagi()
+        .args([
+            "token",
+            "issue",
+            "--org",
+            "1310123458",
+            "--role",
+            "doctor",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("token");
+    let token = stdout(&o).trim().to_string();
+    let drug = "urn:oid:1.2.392.100495.20.2.74";
+    // ガスター散２％ (レセプト電算コード 610406079) is in the 2024-03 master
+    let (status, body) = http_get_bearer(
+        &format!("{url}/fhir/CodeSystem/$lookup?system={drug}&code=610406079"),
+        &token,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ガスター散"), "{body}");
+    let (status, body) = http_get_bearer(
+        &format!("{url}/fhir/CodeSystem/$validate-code?system={drug}&code=999999999"),
+        &token,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"valueBoolean\":false"), "{body}");
+    let (status, body) = http_get_bearer(
+        &format!("{url}/fhir/CodeSystem/$lookup?system={drug}&code=999999999"),
+        &token,
+    );
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = http_get_bearer(
+        &format!("{url}/fhir/CodeSystem/$lookup?system=http://example.org/none&code=1"),
+        &token,
+    );
+    assert_eq!(status, 404);
+}

@@ -51,6 +51,11 @@ pub fn capability_statement(state: &AppState) -> Value {
         if rt == "Patient" {
             ops.push(json!({"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}));
         }
+        if rt == "CodeSystem" {
+            ops.push(json!({"name": "lookup", "definition": "http://hl7.org/fhir/OperationDefinition/CodeSystem-lookup"}));
+            ops.push(json!({"name": "validate-code", "definition": "http://hl7.org/fhir/OperationDefinition/CodeSystem-validate-code"}));
+        }
+        ops.push(json!({"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}));
         for s in state.services.iter() {
             for op in s.operations() {
                 if op.resource_type == Some(rt.as_str()) {

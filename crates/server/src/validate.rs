@@ -7,6 +7,18 @@ use tsunagi_fhir::{FhirError, FhirResult, Issue, Severity, model::model};
 /// Checks a resource before it is stored. Issues of severity error (or fatal) reject it.
 pub trait Validate: Send + Sync {
     fn validate(&self, resource: &Value, profile: Option<&str>) -> Vec<Issue>;
+
+    /// `CodeSystem/$lookup` against the imported masters: a Parameters resource,
+    /// or None when no master for `system` is loaded.
+    fn lookup(&self, _system: &str, _code: &str) -> Option<Value> {
+        None
+    }
+
+    /// `CodeSystem/$validate-code`: a Parameters resource, or None when no master
+    /// for `system` is loaded.
+    fn validate_code(&self, _system: &str, _code: &str, _display: Option<&str>) -> Option<Value> {
+        None
+    }
 }
 
 /// The profile-driven validator (installed packages, masters and the platform's
@@ -14,6 +26,23 @@ pub trait Validate: Send + Sync {
 impl Validate for tsunagi_validation::Validator {
     fn validate(&self, resource: &Value, profile: Option<&str>) -> Vec<Issue> {
         tsunagi_validation::Validator::validate(self, resource, profile)
+    }
+
+    fn lookup(&self, system: &str, code: &str) -> Option<Value> {
+        let t = self.terminology()?;
+        t.master_of(system)?;
+        Some(match t.lookup(system, code) {
+            Some(r) => r.to_parameters(),
+            None => Value::Null,
+        })
+    }
+
+    fn validate_code(&self, system: &str, code: &str, display: Option<&str>) -> Option<Value> {
+        Some(
+            self.terminology()?
+                .validate_code(system, code, display)?
+                .to_parameters(),
+        )
     }
 }
 

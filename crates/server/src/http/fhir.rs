@@ -148,9 +148,13 @@ async fn read(
     State(state): State<AppState>,
     Caller(ctx): Caller,
     Path((rtype, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_accept(&headers)?;
+    if rtype == "CodeSystem" && (id == "$lookup" || id == "$validate-code") {
+        return terminology_op(&state, &id, raw.as_deref());
+    }
     if let Some(op) = id.strip_prefix('$') {
         return Err(FhirError::not_found(format!(
             "Operation ${op} is not supported on {rtype} with GET"
@@ -208,6 +212,42 @@ async fn create_or_type_op(
         .create(&ctx, &rtype, body, cond.as_deref())
         .await?;
     Ok(written(&state, w, prefer_return(&headers)))
+}
+
+/// `GET /fhir/CodeSystem/$lookup?system=&code=` and
+/// `GET /fhir/CodeSystem/$validate-code?system=&code=[&display=]` against the imported
+/// masters (drug, disease, modifier, JLAC10, J-FAGY). Code tables hold no personal
+/// data, so any authenticated caller may ask and nothing is audited.
+fn terminology_op(state: &AppState, op: &str, query: Option<&str>) -> ApiResult<Response> {
+    let pairs = parse_pairs(query);
+    let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let system = get("system")
+        .ok_or_else(|| FhirError::bad_request(Some("system"), format!("{op} needs system")))?;
+    let code = get("code")
+        .ok_or_else(|| FhirError::bad_request(Some("code"), format!("{op} needs code")))?;
+    let v = state.engine.validator.as_ref();
+    let answer = if op == "$lookup" {
+        v.lookup(system, code)
+    } else {
+        v.validate_code(system, code, get("display"))
+    };
+    match answer {
+        None => Err(FhirError::new(
+            404,
+            "not-found",
+            Some("system".into()),
+            format!("No code master for '{system}' is imported (tsunagi masters import)"),
+        )
+        .into()),
+        Some(Value::Null) => Err(FhirError::new(
+            404,
+            "code-invalid",
+            Some("code".into()),
+            format!("Code '{code}' is not in {system}"),
+        )
+        .into()),
+        Some(p) => Ok(fhir_json(StatusCode::OK, &p)),
+    }
 }
 
 /// `POST /fhir/{type}/$op`.
