@@ -881,28 +881,35 @@ async fn register_coverage(
     }
 }
 
-/// Current coverage of a person on a date: registered Coverage resources of the
-/// person (any insurer) with status active whose period contains `on`. Read as the
-/// platform (no scope): callers (e.g. `$reception`) decide access and audit.
-pub fn current_coverage(
-    store: &dyn Store,
-    person_id: &str,
-    on: NaiveDate,
-) -> FhirResult<Vec<Value>> {
-    let q: SearchQuery = query::parse(
+/// The search for every Coverage of a person (any insurer).
+pub fn person_coverage_query(person_id: &str) -> FhirResult<SearchQuery> {
+    query::parse(
         "Coverage",
         &[
             ("beneficiary".to_string(), format!("Patient/{person_id}")),
             ("_count".to_string(), "100".to_string()),
         ],
-    )?;
-    let found = store.search(&q, &Scope::Unrestricted)?;
-    Ok(found
-        .matches
+    )
+}
+
+/// The coverages in force on `on` (status active, period containing the day).
+pub fn keep_current(found: Vec<StoredResource>, on: NaiveDate) -> Vec<Value> {
+    found
         .into_iter()
         .filter_map(|s| s.resource)
         .filter(|c| coverage_state(c, on) == CoverageState::Current)
-        .collect())
+        .collect()
+}
+
+/// Current coverage of a person on a date, read as the platform (no scope):
+/// callers decide access and audit. `$reception` reads the same through the engine.
+pub fn current_coverage(
+    store: &dyn Store,
+    person_id: &str,
+    on: NaiveDate,
+) -> FhirResult<Vec<Value>> {
+    let found = store.search(&person_coverage_query(person_id)?, &Scope::Unrestricted)?;
+    Ok(keep_current(found.matches, on))
 }
 
 /// Where a Coverage stands on a date.

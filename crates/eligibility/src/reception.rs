@@ -20,7 +20,7 @@ use axum::{Extension, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
-use tsunagi_fhir::{FhirError, FhirResult, query};
+use tsunagi_fhir::{FhirError, FhirResult};
 use tsunagi_policy::audit::{AuditRecord, Outcome};
 use tsunagi_policy::identity::Role;
 use tsunagi_server::http::extract::{Caller, FhirJson};
@@ -342,23 +342,10 @@ pub async fn current_coverage(
     person: &str,
     now: DateTime<Utc>,
 ) -> FhirResult<Vec<Value>> {
-    let q = query::parse(
-        "Coverage",
-        &[
-            ("beneficiary".into(), format!("Patient/{person}")),
-            ("_count".into(), "100".into()),
-        ],
-    )?;
+    let q = crate::coverage::person_coverage_query(person)?;
     let today = cards::jst_date(now);
     let found = state.engine.search(ctx, q).await?;
-    Ok(found
-        .matches
-        .into_iter()
-        .filter_map(|s| s.resource)
-        .filter(|c| {
-            crate::coverage::coverage_state(c, today) == crate::coverage::CoverageState::Current
-        })
-        .collect())
+    Ok(crate::coverage::keep_current(found.matches, today))
 }
 
 /// A `$reception` Parameters body (used by `tsunagi card sign --parameters`).
