@@ -3,9 +3,7 @@
 //! directory, and PostgreSQL in a fresh schema when `TSUNAGI_TEST_PG` is set (a
 //! visible SKIPPED line otherwise).
 
-use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
 use tsunagi_eligibility::bulk::{self, Format, ImportOptions, synth};
@@ -58,22 +56,8 @@ impl Server {
                 None,
             ),
             Backend::Postgres => {
-                let url = match std::env::var("TSUNAGI_TEST_PG") {
-                    Ok(u) if !u.trim().is_empty() => u,
-                    _ => {
-                        let _ = writeln!(
-                            std::io::stderr(),
-                            "SKIPPED: TSUNAGI_TEST_PG is unset; PostgreSQL variant of {test} not run"
-                        );
-                        return None;
-                    }
-                };
-                static N: AtomicUsize = AtomicUsize::new(0);
-                let schema = format!(
-                    "tsunagi_elig_{}_{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                );
+                let url = tsunagi_store::conformance::test_pg_url(&format!("variant of {test}"))?;
+                let schema = tsunagi_store::conformance::fresh_schema("tsunagi_elig");
                 let s2 = schema.clone();
                 let pg =
                     tokio::task::spawn_blocking(move || PgStore::connect_in_schema(&url, &s2, 4))

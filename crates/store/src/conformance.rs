@@ -7,6 +7,37 @@
 //! printing why). Cases panic on failure, like any test.
 
 use std::collections::HashSet;
+/// The PostgreSQL test database named by `TSUNAGI_TEST_PG`, or None after printing
+/// a `SKIPPED` line naming `what` past the test harness's output capture, so the
+/// skip shows in CI logs. Every suite that has a PostgreSQL half uses this.
+pub fn test_pg_url(what: &str) -> Option<String> {
+    match std::env::var("TSUNAGI_TEST_PG") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: TSUNAGI_TEST_PG is unset; PostgreSQL {what} not run"
+            );
+            None
+        }
+    }
+}
+
+/// A schema name unique across test processes and tests: `{prefix}_{pid}_{nanos}_{n}`.
+pub fn fresh_schema(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{nanos}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};

@@ -2,8 +2,6 @@
 //! `host=127.0.0.1 user=postgres dbname=test` or a `postgres://` URL); each test
 //! runs in its own fresh schema, dropped afterwards.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use tsunagi_store::Store;
 use tsunagi_store::conformance::Harness;
 use tsunagi_store::postgres::PgStore;
@@ -32,35 +30,11 @@ impl Drop for TempSchema {
 }
 
 fn url() -> Option<String> {
-    match std::env::var("TSUNAGI_TEST_PG") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            // written past the test harness's output capture, once, so it shows in CI logs
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: TSUNAGI_TEST_PG is unset; PostgreSQL conformance not run"
-                );
-            });
-            None
-        }
-    }
+    tsunagi_store::conformance::test_pg_url("conformance suite")
 }
 
 fn fresh_schema() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "tsunagi_test_{}_{}_{}",
-        std::process::id(),
-        nanos,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    tsunagi_store::conformance::fresh_schema("tsunagi_test")
 }
 
 fn make() -> Option<Box<dyn Harness>> {

@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Duration, Utc};
 use reqwest::Method;
@@ -16,6 +15,7 @@ use tsunagi_eligibility::{Config, EligibilityService, ManualClock};
 use tsunagi_policy::identity::{OrgKind, PATIENT_ORG, Principal, Role};
 use tsunagi_server::orgs::organization;
 use tsunagi_server::{AppState, ServerConfig};
+use tsunagi_store::conformance;
 use tsunagi_store::postgres::PgStore;
 use tsunagi_store::sqlite::SqliteStore;
 use tsunagi_store::{Store, WriteContext};
@@ -73,26 +73,6 @@ pub struct TestServer {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-fn pg_url() -> Option<String> {
-    std::env::var("TSUNAGI_TEST_PG")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-}
-
-fn fresh_schema() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "tsunagi_elig_{}_{}_{}",
-        std::process::id(),
-        nanos,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 /// Opens a store for the backend, or None (with a SKIPPED line) without PostgreSQL.
 pub async fn open_store(
     backend: Backend,
@@ -104,16 +84,12 @@ pub async fn open_store(
             None,
         )),
         Backend::Postgres => {
-            let Some(url) = pg_url() else {
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: TSUNAGI_TEST_PG is unset; PostgreSQL variant of {} not run",
-                    std::thread::current().name().unwrap_or("a scenario")
-                );
-                return None;
-            };
-            let schema = fresh_schema();
+            let scenario = format!(
+                "variant of {}",
+                std::thread::current().name().unwrap_or("a scenario")
+            );
+            let url = conformance::test_pg_url(&scenario)?;
+            let schema = conformance::fresh_schema("tsunagi_elig");
             let s2 = schema.clone();
             let pg = tokio::task::spawn_blocking(move || PgStore::connect_in_schema(&url, &s2, 4))
                 .await

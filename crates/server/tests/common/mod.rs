@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use reqwest::Method;
 use reqwest::header::HeaderMap;
@@ -13,6 +12,7 @@ use serde_json::{Value, json};
 use tsunagi_policy::identity::{OrgKind, PATIENT_ORG, Principal, Role};
 use tsunagi_server::orgs::organization;
 use tsunagi_server::{AppState, ServerConfig};
+use tsunagi_store::conformance;
 use tsunagi_store::postgres::PgStore;
 use tsunagi_store::sqlite::SqliteStore;
 use tsunagi_store::{Store, WriteContext};
@@ -76,36 +76,6 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
 }
 
-fn pg_url() -> Option<String> {
-    match std::env::var("TSUNAGI_TEST_PG") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => None,
-    }
-}
-
-/// Prints a line past the test harness's output capture (so it shows in CI logs).
-fn skipped(test: &str) {
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: TSUNAGI_TEST_PG is unset; PostgreSQL variant of {test} not run"
-    );
-}
-
-fn fresh_schema() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "tsunagi_http_{}_{}_{}",
-        std::process::id(),
-        nanos,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 impl TestServer {
     /// Starts a server with the test defaults, or None (after printing why) when
     /// the backend is PostgreSQL and `TSUNAGI_TEST_PG` is unset.
@@ -127,15 +97,12 @@ impl TestServer {
                 (s.clone(), Raw::Sqlite(s))
             }
             Backend::Postgres => {
-                let Some(url) = pg_url() else {
-                    skipped(
-                        std::thread::current()
-                            .name()
-                            .unwrap_or("a PostgreSQL scenario"),
-                    );
-                    return None;
-                };
-                let schema = fresh_schema();
+                let scenario = format!(
+                    "variant of {}",
+                    std::thread::current().name().unwrap_or("a scenario")
+                );
+                let url = conformance::test_pg_url(&scenario)?;
+                let schema = conformance::fresh_schema("tsunagi_http");
                 let s2 = schema.clone();
                 let pg =
                     tokio::task::spawn_blocking(move || PgStore::connect_in_schema(&url, &s2, 4))
