@@ -149,6 +149,8 @@ fn questionnaire_responses(store: &dyn Store, patient: &str) -> FhirResult<Vec<S
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     NotEntitled,
+    /// A later dose before the previous one was recorded.
+    PreviousDoseMissing,
     Expired(NaiveDate),
     TooEarly(NaiveDate),
     IntervalNotMet {
@@ -165,6 +167,10 @@ impl Refusal {
             Refusal::NotEntitled => {
                 format!("not entitled: no voucher for vaccine {vaccine} dose {dose}")
             }
+            Refusal::PreviousDoseMissing => format!(
+                "not entitled yet: dose {} of vaccine {vaccine} has not been recorded",
+                dose.saturating_sub(1)
+            ),
             Refusal::Expired(d) => {
                 format!("the voucher for vaccine {vaccine} dose {dose} expired on {d}")
             }
@@ -183,7 +189,7 @@ impl Refusal {
         };
         let el = match self {
             Refusal::QuestionnaireMissing => "questionnaireResponse",
-            Refusal::NotEntitled => "vaccineCode",
+            Refusal::NotEntitled | Refusal::PreviousDoseMissing => "doseNumber",
             _ => "occurrence",
         };
         let status = if *self == Refusal::AlreadyUsed {
@@ -218,7 +224,7 @@ pub fn judge(
     }
     if v.dose > 1 {
         let Some(prev) = previous_dose else {
-            return Err(Refusal::NotEntitled);
+            return Err(Refusal::PreviousDoseMissing);
         };
         if let Some(days) = v.min_interval_days {
             let next = prev + Duration::days(days);
@@ -700,7 +706,7 @@ mod tests {
         );
         assert_eq!(
             judge(&v(2), d("2026-05-29"), None, true, false),
-            Err(Refusal::NotEntitled)
+            Err(Refusal::PreviousDoseMissing)
         );
         assert_eq!(
             judge(&v(1), d("2026-05-01"), None, false, false),
