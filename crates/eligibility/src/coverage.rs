@@ -1061,4 +1061,14 @@ mod tests {
             CoverageState::NotStarted(_)
         ));
     }
+
+    #[test]
+    fn public_expense_is_type_8_of_the_insurance_type_system() {
+        let sub = json!({"type": {"coding": [{"system": INSURANCE_TYPE_SYSTEM, "code": "8"}]}});
+        assert!(is_public_expense(&sub));
+        let other = json!({"type": {"coding": [{"system": INSURANCE_TYPE_SYSTEM, "code": "1"}]}});
+        assert!(!is_public_expense(&other));
+        let v3 = json!({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "8"}]}});
+        assert!(!is_public_expense(&v3));
+    }
 }

@@ -162,6 +162,15 @@ impl Catalogue {
             .cloned()
             .collect()
     }
+    /// Built-in statutory programmes whose code the catalogue lacks.
+    pub fn missing_builtin(&self) -> Vec<Programme> {
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        builtin_statutory()
+            .into_iter()
+            .filter(|p| !m.contains_key(&p.code))
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.read().unwrap_or_else(|e| e.into_inner()).is_empty()
     }

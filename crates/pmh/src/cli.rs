@@ -154,9 +154,7 @@ pub fn run_pmh(args: PmhArgs) -> anyhow::Result<i32> {
             let store = db.open()?;
             let cat = Catalogue::default();
             cat.load(&*store).map_err(|e| anyhow!("{e}"))?;
-            if cat.is_empty() {
-                cat.replace(catalogue::builtin_statutory());
-            }
+            cat.replace(cat.missing_builtin());
             let actor = Principal::new(
                 &municipality,
                 OrgKind::Municipality,

@@ -11,6 +11,8 @@
 //! - [`ceiling`]: ceiling management (上限額管理): append-only copayment reports,
 //!   summed at query time, corrections, remaining amount at reception.
 //! - [`vaccination`]: vouchers, the pre-vaccination questionnaire, vaccination records.
+//! - [`checkups`]: maternal/child health and municipal checkup results reported to
+//!   the municipality.
 //! - [`certificates`]: certificates (診断書等) to a municipality's mailbox.
 //! - [`access`]: the municipality-staff, patient self-service and reception rules
 //!   PMH adds to the one policy.
@@ -31,6 +33,7 @@ pub mod access;
 pub mod catalogue;
 pub mod ceiling;
 pub mod certificates;
+pub mod checkups;
 pub mod cli;
 pub mod demo;
 pub mod http;
@@ -73,8 +76,8 @@ pub struct PmhService {
 }
 
 impl PmhService {
-    /// Opens over the store: loads the catalogue (importing the statutory
-    /// programmes shipped with the crate when the store has none) and the mailbox.
+    /// Opens over the store: loads the catalogue (adding the statutory programmes
+    /// shipped with the crate that the store lacks) and the certificate mailbox.
     pub fn open(
         store: Arc<dyn Store>,
         eligibility: Option<Arc<tsunagi_eligibility::Shared>>,
@@ -98,10 +101,10 @@ impl PmhService {
             clock,
         });
         shared.catalogue.load(&*store)?;
-        if shared.catalogue.is_empty() {
-            let builtin = catalogue::builtin_statutory();
-            catalogue::save(&*store, &builtin, None)?;
-            shared.catalogue.replace(builtin);
+        let missing = shared.catalogue.missing_builtin();
+        if !missing.is_empty() {
+            catalogue::save(&*store, &missing, None)?;
+            shared.catalogue.replace(missing);
         }
         shared.certificates.load(&*store)?;
         Ok(PmhService { shared })
@@ -129,6 +132,7 @@ impl ServiceModule for PmhService {
             .merge(ceiling::routes())
             .merge(vaccination::routes())
             .merge(certificates::routes())
+            .merge(checkups::routes())
             .merge(stats::routes())
             .layer(Extension(self.shared.clone()))
     }

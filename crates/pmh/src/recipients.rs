@@ -18,9 +18,9 @@
 //! - **full** (one programme): the file is the municipality's whole set for the
 //!   programme; every current recipient missing from it ends the day before `asOf`.
 //!
-//! Rows are applied in batches, one transaction each, through the engine's
-//! [`WriteWork`] (validation gate, the one policy, an audit record per row in the
-//! same transaction). A batch that fails in the store is rolled back and replayed
+//! Rows are applied in batches, one transaction each, with the engine's parts
+//! ([`WriteWork`]'s validation gate and the one policy; an audit record per row,
+//! appended with the batch in the same transaction). A batch that fails in the store is rolled back and replayed
 //! one row per transaction, so a row is never half-applied and one bad row never
 //! stops the file. A person who cannot be matched exactly goes to the review list
 //! ([`crate::matching`]); the row is then not applied.
@@ -40,11 +40,14 @@ use chrono::{Duration, NaiveDate};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tsunagi_fhir::{FhirError, FhirResult, query};
-use tsunagi_policy::audit::AuditRecord;
+use tsunagi_policy::audit::{AuditRecord, Outcome};
 use tsunagi_policy::ids::{validate_public_payer_number, validate_recipient_number};
+use tsunagi_policy::policy::{AccessRequest, Decision, Operation};
+use tsunagi_server::engine::audit_record;
 use tsunagi_server::engine::{WriteWork, blocking};
 use tsunagi_server::http::extract::{Caller, FhirJson};
 use tsunagi_server::http::{ApiResult, fhir_json};
+use tsunagi_server::validate::gate;
 use tsunagi_server::{AppState, Ctx};
 use tsunagi_store::{Scope, Store, StoredResource, Transaction, WriteContext};
 
@@ -435,6 +438,8 @@ pub struct Importer<'a> {
     pub matcher: Matcher,
     /// Recipient ids seen (full files).
     pub seen: HashSet<String>,
+    /// Audit records of the rows written in the open transaction.
+    pending_audit: Vec<Value>,
     pub report: Report,
 }
 
@@ -447,6 +452,7 @@ impl<'a> Importer<'a> {
             opts,
             matcher: Matcher::default(),
             seen: HashSet::new(),
+            pending_audit: Vec::new(),
             report: Report::default(),
         }
     }
@@ -490,7 +496,7 @@ impl<'a> Importer<'a> {
             .catalogue
             .get(&row.programme)
             .ok_or_else(|| FhirError::invalid_element("programme", "unknown programme"))?;
-        let new = match row.action {
+        let (new, patient) = match row.action {
             Action::End => {
                 let Some(c) = current.as_ref().and_then(|c| c.resource.clone()) else {
                     return Err(FhirError::not_found(format!(
@@ -498,9 +504,15 @@ impl<'a> Importer<'a> {
                         row.key()
                     )));
                 };
+                let patient = c
+                    .pointer("/beneficiary/reference")
+                    .and_then(Value::as_str)
+                    .and_then(|r| r.strip_prefix("Patient/"))
+                    .unwrap_or("")
+                    .to_string();
                 let mut c = c;
                 c["period"]["end"] = json!(row.end.map(|d| d.to_string()));
-                c
+                (c, patient)
             }
             Action::Upsert => {
                 let existing = current
@@ -524,7 +536,10 @@ impl<'a> Importer<'a> {
                         }
                     }
                 };
-                row.coverage(&programme, &self.municipality, &patient)
+                (
+                    row.coverage(&programme, &self.municipality, &patient),
+                    patient,
+                )
             }
         };
         if let Some(c) = &current
@@ -532,13 +547,56 @@ impl<'a> Importer<'a> {
         {
             return Ok(Applied::Unchanged);
         }
-        match self.work.update_in(tx, "Coverage", &id, new, None)? {
-            Ok(_) => Ok(match row.action {
-                Action::End => Applied::Ended,
-                Action::Upsert => Applied::Written,
-            }),
-            Err(d) => Err(FhirError::forbidden(d.reason)),
+        self.write(tx, &id, new, current.as_ref(), patient)?;
+        Ok(match row.action {
+            Action::End => Applied::Ended,
+            Action::Upsert => Applied::Written,
+        })
+    }
+
+    /// The bulk write path: what [`WriteWork::update_in`] does (validation gate,
+    /// the one policy, versioned write) without its second read, with the audit
+    /// record queued to be appended with the batch, in the same transaction.
+    fn write(
+        &mut self,
+        tx: &mut dyn Transaction,
+        id: &str,
+        new: Value,
+        current: Option<&StoredResource>,
+        patient: String,
+    ) -> FhirResult<()> {
+        gate(&*self.work.validator, &new)?;
+        let op = if current.is_some() {
+            Operation::Update
+        } else {
+            Operation::Create
+        };
+        let mut req = AccessRequest::new(op, "Coverage", self.work.ctx.purpose).patient(&patient);
+        req.author_org = current.and_then(|c| c.author_org.clone());
+        if let Decision::Deny(d) = self.work.policy.decide(&self.work.ctx.principal, &req) {
+            return Err(FhirError::forbidden(d.reason));
         }
+        let wc = WriteContext {
+            org: Some(self.work.ctx.principal.org.clone()),
+            user: self.work.ctx.principal.user.clone(),
+        };
+        let (stored, created) = tx.update("Coverage", id, new, None, &wc)?;
+        self.pending_audit.push(
+            audit_record(
+                &self.work.ctx,
+                if created { Operation::Create } else { op },
+                Some(patient),
+                vec![format!(
+                    "Coverage/{}/_history/{}",
+                    stored.id, stored.version
+                )],
+                Outcome::Success,
+                if created { 201 } else { 200 },
+                None,
+            )
+            .to_json(),
+        );
+        Ok(())
     }
 
     /// Puts a row the matcher could not place on the review list.
@@ -602,13 +660,18 @@ impl<'a> Importer<'a> {
         }
         let store = self.store();
         let mut results = Vec::with_capacity(rows.len());
+        self.pending_audit.clear();
         let batch_ok = (|| -> FhirResult<()> {
             let mut tx = store.begin()?;
             for (line, row) in rows {
                 results.push(self.apply(&mut *tx, *line, row)?);
             }
+            if !self.pending_audit.is_empty() {
+                tx.audit_append(&self.pending_audit)?;
+            }
             tx.commit()
         })();
+        self.pending_audit.clear();
         match batch_ok {
             Ok(()) => {
                 for a in results {
@@ -620,9 +683,13 @@ impl<'a> Importer<'a> {
                     let one = (|| -> FhirResult<Applied> {
                         let mut tx = store.begin()?;
                         let a = self.apply(&mut *tx, *line, row)?;
+                        if !self.pending_audit.is_empty() {
+                            tx.audit_append(&self.pending_audit)?;
+                        }
                         tx.commit()?;
                         Ok(a)
                     })();
+                    self.pending_audit.clear();
                     match one {
                         Ok(a) => self.count(a),
                         Err(e) => self.report.errors.push((

@@ -131,7 +131,210 @@ both_backends!(
     vaccination_voucher_questionnaire_and_refusals,
     municipalities_see_only_their_own,
     certificates_mailbox,
+    demo_seed_is_idempotent,
+    file_import_resumes_after_checkpoint,
+    checkup_results_reach_municipality_patient_and_consenting_institutions,
 );
+
+async fn checkup_results_reach_municipality_patient_and_consenting_institutions(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    person(
+        &s,
+        "baby",
+        ("山田", "陽"),
+        ("ヤマダ", "ヒナタ"),
+        "2026-05-01",
+        "千代田区1",
+    );
+    let doctor = s.token(CLINIC, OrgKind::Clinic, Role::Doctor);
+    let result = json!({"municipality": MUNICIPALITY, "kind": "infant", "resource": {
+        "resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
+        "subject": {"reference": "Patient/baby"}, "effectiveDateTime": "2026-11-01",
+        "valueQuantity": {"value": 7.2, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}}});
+    let mut bad = result.clone();
+    bad["kind"] = json!("dental");
+    s.post(&doctor, "/pmh/checkups", &bad)
+        .await
+        .refused(400, "kind");
+    let clerk = s.token(CLINIC, OrgKind::Clinic, Role::Clerk);
+    assert_eq!(s.post(&clerk, "/pmh/checkups", &result).await.status, 403);
+    let r = s.post(&doctor, "/pmh/checkups", &result).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // the municipality it was reported to
+    let m = muni(&s);
+    let seen = s.get(&m, "/pmh/checkups?patient=Patient/baby").await;
+    assert_eq!(seen.status, 200, "{}", seen.text);
+    assert_eq!(seen.entries().len(), 1, "{}", seen.text);
+    let other = s.token(
+        OTHER_MUNICIPALITY,
+        OrgKind::Municipality,
+        Role::MunicipalityStaff,
+    );
+    assert_eq!(
+        s.get(&other, "/pmh/checkups?patient=Patient/baby")
+            .await
+            .entries()
+            .len(),
+        0
+    );
+    // the patient
+    let me = s.patient_token("baby");
+    assert_eq!(
+        s.get(&me, "/fhir/Observation?patient=Patient/baby")
+            .await
+            .entries()
+            .len(),
+        1
+    );
+    // another institution: only with consent (category B at its card reception)
+    let hosp = s.token(HOSP_A, OrgKind::Hospital, Role::Doctor);
+    let card = s.card("baby");
+    assert_eq!(
+        s.reception(&hosp, &card, [false, false, false], "outpatient")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        s.get(&hosp, "/fhir/Observation?patient=Patient/baby")
+            .await
+            .entries()
+            .len(),
+        0
+    );
+    assert_eq!(
+        s.reception(&hosp, &card, [false, true, false], "outpatient")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        s.get(&hosp, "/fhir/Observation?patient=Patient/baby")
+            .await
+            .entries()
+            .len(),
+        1
+    );
+}
+
+async fn file_import_resumes_after_checkpoint(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    person(
+        &s,
+        "p1",
+        ("山田", "花子"),
+        ("ヤマダ", "ハナコ"),
+        "1980-04-01",
+        "千代田区1",
+    );
+    let header = "payerNumber,recipientNumber,programme,familyKana,givenKana,birthDate,sex,start\n";
+    let mut csv = header.to_string();
+    for (i, law) in ["54", "52", "21"].iter().enumerate() {
+        csv.push_str(&format!(
+            "{},{},{law},ヤマダ,ハナコ,1980-04-01,female,2026-04-01\n",
+            payer(law),
+            rno(i as u64 + 1)
+        ));
+    }
+    csv.push_str("bad,row\n");
+    let path = s.dir.path().join("recipients.csv");
+    std::fs::write(&path, csv).unwrap();
+    // a previous run committed the first two rows and crashed
+    std::fs::write(tsunagi_pmh::recipients::sidecar(&path, ".checkpoint"), "2").unwrap();
+    let work = tsunagi_server::engine::WriteWork::new(
+        &s.state.engine,
+        &tsunagi_server::Ctx::new(
+            tsunagi_policy::identity::Principal::new(
+                MUNICIPALITY,
+                OrgKind::Municipality,
+                vec![],
+                Role::MunicipalityStaff,
+                Some("batch".into()),
+                None,
+                false,
+            )
+            .unwrap(),
+            None,
+        ),
+    );
+    let cat = tsunagi_pmh::catalogue::Catalogue::default();
+    cat.replace(tsunagi_pmh::catalogue::builtin_statutory());
+    let opts = tsunagi_pmh::recipients::Options {
+        full: false,
+        programme: None,
+        as_of: t0().date_naive(),
+        batch: 2,
+    };
+    let report = tokio::task::block_in_place(|| {
+        tsunagi_pmh::recipients::import_file(work, &cat, &path, opts, true)
+    })
+    .unwrap();
+    assert_eq!(report.skipped, 2);
+    assert_eq!(report.written, 1);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].0, 4);
+    let errors =
+        std::fs::read_to_string(tsunagi_pmh::recipients::sidecar(&path, ".errors.csv")).unwrap();
+    assert!(errors.contains("4,row,row[4].row"), "{errors}");
+    assert_eq!(
+        std::fs::read_to_string(tsunagi_pmh::recipients::sidecar(&path, ".checkpoint")).unwrap(),
+        "4"
+    );
+    let subs = subsidies_at_reception(&s, "p1", CLINIC).await;
+    assert_eq!(
+        subs.len(),
+        1,
+        "only the row after the checkpoint was applied"
+    );
+}
+
+async fn demo_seed_is_idempotent(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    person(
+        &s,
+        "pt-01",
+        ("山田", "太郎"),
+        ("ヤマダ", "タロウ"),
+        "1958-04-12",
+        "千代田区1",
+    );
+    person(
+        &s,
+        "pt-02",
+        ("佐藤", "花子"),
+        ("サトウ", "ハナコ"),
+        "1990-01-01",
+        "千代田区2",
+    );
+    person(
+        &s,
+        "pt-03",
+        ("鈴木", "一郎"),
+        ("スズキ", "イチロウ"),
+        "1970-01-01",
+        "千代田区3",
+    );
+    let seed = || {
+        let store = s.store.clone();
+        tokio::task::block_in_place(move || tsunagi_pmh::demo::seed(store)).expect("seed")
+    };
+    let first = seed();
+    assert!(first.contains("4 recipients written"), "{first}");
+    let again = seed();
+    assert!(
+        again.contains("0 recipients written (4 unchanged"),
+        "{again}"
+    );
+    let subs = subsidies_at_reception(&s, "pt-01", CLINIC).await;
+    assert_eq!(subs.len(), 2);
+}
 
 async fn one_card_returns_insurance_and_subsidies(backend: Backend) {
     let Some(s) = start(backend).await else {
