@@ -115,7 +115,11 @@ fn ceiling(
     let st = store.clone();
     rt.block_on(async move {
         let elig = EligibilityService::in_memory(Config::default(), Arc::new(SystemClock));
-        let pmh = PmhService::open(st.clone(), Some(elig.shared.clone())).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // the PostgreSQL client blocks: open off the async workers
+        let (st2, el) = (st.clone(), elig.shared.clone());
+        let pmh = tokio::task::spawn_blocking(move || PmhService::open(st2, Some(el)))
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = chrono::Utc::now();
         let orgs: Vec<String> = (0..facilities).map(facility_code).collect();
         for org in &orgs {
