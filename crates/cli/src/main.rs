@@ -57,6 +57,8 @@ enum Command {
     Card(tsunagi_eligibility::cli::CardArgs),
     /// Insurers' coverage files (資格情報): bulk import with per-row error report.
     Coverage(tsunagi_eligibility::cli::CoverageArgs),
+    /// EHR sharing retention rules: physical, audited deletion of what is due.
+    Retention(tsunagi_sharing::cli::RetentionArgs),
 }
 
 fn init_logging(format: &str) {
@@ -97,6 +99,7 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Masters(a) => exit_code(tsunagi_terminology::cli::run_masters(a)?),
         Command::Card(a) => exit_code(tsunagi_eligibility::cli::run_card(a)?),
         Command::Coverage(a) => exit_code(tsunagi_eligibility::cli::run_coverage(a)?),
+        Command::Retention(a) => exit_code(tsunagi_sharing::cli::run_retention(a)?),
     }
 }
 
@@ -134,9 +137,12 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let eligibility = tokio::task::spawn_blocking(move || tsunagi_eligibility::EligibilityService::open(st, &dir, Default::default()))
             .await?
             .map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
+        let sharing = tsunagi_sharing::SharingService::new(Default::default());
+        let _retention = sharing.spawn_retention(store.clone());
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
+            .service(Arc::new(sharing))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use tsunagi_policy::AccessRule;
 use tsunagi_server::{AppState, OperationDecl, ServiceModule};
 
-pub use tsunagi_eligibility::{Clock, ManualClock, SystemClock};
+pub use tsunagi_server::clock::{Clock, ManualClock, SystemClock};
 
 pub mod access;
 pub mod cli;

@@ -1,63 +1,29 @@
-//! Harness of the sharing service's black-box tests: the real server with the
-//! eligibility and sharing services, the JP-CLINS validator (packages + masters
-//! from ../shared), on 127.0.0.1:0, over SQLite or PostgreSQL
-//! (`TSUNAGI_TEST_PG`; otherwise a visible SKIPPED line), with one manual clock.
+//! The sharing service's test setup on the shared testkit: the real server with
+//! the eligibility and sharing services and the JP-CLINS validator (packages +
+//! masters from ../shared), on both backends, one manual clock.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use chrono::{DateTime, Duration, Utc};
-use reqwest::Method;
+use chrono::Duration;
 use serde_json::{Value, json};
 use tsunagi_eligibility::consent::{Category, Grant, GrantKind};
-use tsunagi_eligibility::{EligibilityService, ManualClock};
-use tsunagi_policy::identity::{OrgKind, PATIENT_ORG, Principal, Role};
-use tsunagi_server::{AppState, ServerConfig};
+use tsunagi_policy::identity::{OrgKind, Role};
 use tsunagi_sharing::SharingService;
-use tsunagi_store::conformance;
-use tsunagi_store::postgres::PgStore;
-use tsunagi_store::sqlite::SqliteStore;
-use tsunagi_store::{Store, WriteContext};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use tsunagi_testkit::{Backend, Resp, both_backends};
 
 /// The registering hospital (the JP-CLINS examples' institution number).
 pub const HOSP: &str = "1318814790";
 /// The addressee clinic of the example referral letter.
 pub const CLINIC: &str = "1311234567";
 /// A third institution.
-pub const OTHER: &str = "1310123458";
-pub const INSURER: &str = "06130017";
-pub const CENTRE: &str = "131016";
-pub const OPERATOR: &str = "operator";
-
-#[macro_export]
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::support::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::support::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
+pub const OTHER: &str = tsunagi_testkit::HOSP_A;
+pub const INSURER: &str = tsunagi_testkit::INSURER;
+/// A public health centre (of the municipality).
+pub const CENTRE: &str = tsunagi_testkit::MUNICIPALITY;
 
 pub fn shared(rel: &str) -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")).join(rel)
@@ -96,87 +62,30 @@ pub fn validator() -> Arc<tsunagi_validation::Validator> {
     .clone()
 }
 
-pub struct TestServer {
-    pub root: String,
-    pub state: AppState,
-    pub store: Arc<dyn Store>,
-    pub eligibility: EligibilityService,
-    pub sharing: SharingService,
-    pub clock: Arc<ManualClock>,
-    pub http: reqwest::Client,
-    pub dir: tempfile::TempDir,
-    pg: Option<(Arc<PgStore>, String)>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+/// The testkit server with the sharing service and the JP-CLINS validator,
+/// two patients with coverage, and the helpers the scenarios share.
+pub struct TestServer(pub tsunagi_testkit::TestServer);
+
+impl std::ops::Deref for TestServer {
+    type Target = tsunagi_testkit::TestServer;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl TestServer {
     pub async fn start(backend: Backend) -> Option<TestServer> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (store, pg): (Arc<dyn Store>, _) = match backend {
-            Backend::Sqlite => (
-                Arc::new(SqliteStore::open(&dir.path().join("tsunagi.db")).expect("sqlite")),
-                None,
-            ),
-            Backend::Postgres => {
-                let scenario = format!(
-                    "variant of {}",
-                    std::thread::current().name().unwrap_or("a scenario")
-                );
-                let url = conformance::test_pg_url(&scenario)?;
-                let schema = conformance::fresh_schema("tsunagi_sharing");
-                let s2 = schema.clone();
-                let pg =
-                    tokio::task::spawn_blocking(move || PgStore::connect_in_schema(&url, &s2, 4))
-                        .await
-                        .expect("join")
-                        .expect("connect to TSUNAGI_TEST_PG");
-                let pg = Arc::new(pg);
-                (pg.clone(), Some((pg, schema)))
-            }
-        };
-        let now: DateTime<Utc> = "2026-11-21T01:00:00Z".parse().unwrap();
-        let clock = Arc::new(ManualClock::new(now));
-        let eligibility = EligibilityService::in_memory(Default::default(), clock.clone());
-        let sharing = SharingService::with_clock(Default::default(), clock.clone());
         let v = tokio::task::spawn_blocking(validator)
             .await
             .expect("validator");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let cfg = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen: addr,
-            base_url: Some(format!("http://{addr}/fhir")),
-            shutdown_grace_secs: 0,
-            ..ServerConfig::default()
-        };
-        let state = tsunagi_server::Builder::new(cfg, store.clone())
+        let options = tsunagi_testkit::Options::default()
             .validator(v)
-            .service(Arc::new(eligibility.clone()))
-            .service(Arc::new(sharing.clone()))
-            .build()
-            .expect("build");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(tsunagi_server::serve(state.clone(), listener, async {
-            let _ = rx.await;
-        }));
-        let s = TestServer {
-            root: format!("http://{addr}"),
-            state,
-            store,
-            eligibility,
-            sharing,
-            clock,
-            http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(120))
-                .build()
-                .expect("client"),
-            dir,
-            pg,
-            shutdown: Some(tx),
-        };
+            .at("2026-11-21T01:00:00Z".parse().unwrap())
+            .service(|ctx| {
+                let clock: Arc<dyn tsunagi_sharing::Clock> = ctx.clock.clone();
+                Arc::new(SharingService::with_clock(Default::default(), clock))
+            });
+        let s = TestServer(tsunagi_testkit::TestServer::start_with(backend, options).await?);
         for p in ["pt-01", "pt-02"] {
             s.put(
                 "Patient",
@@ -197,37 +106,12 @@ impl TestServer {
         Some(s)
     }
 
-    pub fn now(&self) -> DateTime<Utc> {
-        use tsunagi_eligibility::Clock;
-        self.clock.now()
-    }
-
     pub fn advance(&self, d: Duration) {
         self.clock.advance(d);
     }
 
-    /// Writes a resource directly (setup), as `author` wrote it.
-    pub fn put(&self, rt: &str, id: &str, r: Value, author: &str) {
-        let store = self.store.clone();
-        let (rt, id, author) = (rt.to_string(), id.to_string(), author.to_string());
-        tokio::task::block_in_place(move || {
-            let mut tx = store.begin().expect("begin");
-            tx.update(
-                &rt,
-                &id,
-                r,
-                None,
-                &WriteContext {
-                    org: Some(author),
-                    user: Some("setup".into()),
-                },
-            )
-            .expect("write");
-            tx.commit().expect("commit");
-        });
-    }
-
-    /// A live reception consent grant of `org` for `patient` (what `$reception` records).
+    /// A live reception consent grant of `org` for `patient` (what `$reception`
+    /// records), straight into the eligibility service's index.
     pub fn grant(&self, org: &str, patient: &str, cats: &[Category], hours: i64) {
         let now = self.now();
         self.eligibility.shared.consent.insert(Grant {
@@ -242,99 +126,8 @@ impl TestServer {
         });
     }
 
-    pub fn token_for(&self, p: &Principal) -> String {
-        self.state
-            .keys
-            .issue(p, chrono::Duration::minutes(30))
-            .expect("token")
-    }
-
-    pub fn token(&self, org: &str, kind: OrgKind, role: Role) -> String {
-        let p = Principal::new(
-            org,
-            kind,
-            vec![],
-            role,
-            Some(format!("{role}-{org}")),
-            None,
-            true,
-        )
-        .expect("principal");
-        self.token_for(&p)
-    }
-
     pub fn doctor(&self, org: &str) -> String {
-        self.token(org, OrgKind::Hospital, Role::Doctor)
-    }
-
-    pub fn patient_token(&self, id: &str) -> String {
-        let p = Principal::new(
-            PATIENT_ORG,
-            OrgKind::Patient,
-            vec![],
-            Role::Patient,
-            None,
-            Some(id.into()),
-            false,
-        )
-        .expect("patient");
-        self.token_for(&p)
-    }
-
-    pub fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.root))
-    }
-
-    pub async fn send(&self, rb: reqwest::RequestBuilder) -> Resp {
-        let r = rb.send().await.expect("request");
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, text, body }
-    }
-
-    pub async fn get(&self, token: &str, path: &str) -> Resp {
-        self.send(self.req(Method::GET, path).bearer_auth(token))
-            .await
-    }
-
-    pub async fn get_as(&self, token: &str, purpose: &str, path: &str) -> Resp {
-        self.send(
-            self.req(Method::GET, path)
-                .bearer_auth(token)
-                .header("x-purpose-of-use", purpose),
-        )
-        .await
-    }
-
-    pub async fn post(&self, token: &str, path: &str, body: &Value) -> Resp {
-        self.send(
-            self.req(Method::POST, path)
-                .bearer_auth(token)
-                .header("content-type", "application/fhir+json")
-                .body(serde_json::to_vec(body).expect("json")),
-        )
-        .await
-    }
-
-    pub async fn post_as(&self, token: &str, purpose: &str, path: &str, body: &Value) -> Resp {
-        self.send(
-            self.req(Method::POST, path)
-                .bearer_auth(token)
-                .header("x-purpose-of-use", purpose)
-                .header("content-type", "application/fhir+json")
-                .body(serde_json::to_vec(body).expect("json")),
-        )
-        .await
-    }
-
-    pub async fn audit(&self, patient: &str) -> Vec<Value> {
-        let op = self.token(OPERATOR, OrgKind::Operator, Role::Operator);
-        let r = self
-            .get(&op, &format!("/audit/events?patient={patient}&_count=1000"))
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        r.body["events"].as_array().cloned().unwrap_or_default()
+        self.token_2fa(org, OrgKind::Hospital, Role::Doctor, true)
     }
 
     /// Runs the retention job at the clock's time.
@@ -362,45 +155,6 @@ pub fn ids(bundle: &Value) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some((store, schema)) = self.pg.take() {
-            let _ = std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                let _ = store.raw_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-                std::mem::forget(store);
-            })
-            .join();
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub text: String,
-    pub body: Value,
-}
-
-impl Resp {
-    pub fn refused(&self, status: u16, needle: &str) {
-        assert_eq!(self.status, status, "{}", self.text);
-        assert_eq!(
-            self.body["resourceType"], "OperationOutcome",
-            "{}",
-            self.text
-        );
-        assert!(
-            self.text.contains(needle),
-            "expected '{needle}' in {}",
-            self.text
-        );
-    }
 }
 
 /// An official example from ../shared/fixtures/jp-examples.
