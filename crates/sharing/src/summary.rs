@@ -37,6 +37,9 @@ pub fn operations() -> Vec<OperationDecl> {
     }]
 }
 
+/// Search page size.
+const PAGE: usize = 1000;
+
 /// Sections of the summary, in order.
 const SECTIONS: [&str; 5] = [
     "diagnoses",
@@ -85,22 +88,34 @@ pub async fn build(
         "Observation",
         "MedicationRequest",
     ] {
-        let q = query::parse(
-            rt,
-            &[
-                ("patient".into(), format!("Patient/{patient}")),
-                ("_count".into(), "1000".into()),
-            ],
-        )?;
-        match state.engine.search(ctx, q).await {
-            Ok(r) => found.extend(
-                r.matches
-                    .into_iter()
-                    .filter_map(|m| m.resource.map(|x| (m.resource_type, x))),
-            ),
-            // a kind the caller may not read at all is simply absent (the denial is audited)
-            Err(e) if e.status == 403 => {}
-            Err(e) => return Err(e),
+        // every page: the latest lab value of an item may be anywhere
+        let mut offset = 0;
+        loop {
+            let mut q = query::parse(
+                rt,
+                &[
+                    ("patient".into(), format!("Patient/{patient}")),
+                    ("_count".into(), PAGE.to_string()),
+                ],
+            )?;
+            q.offset = offset;
+            match state.engine.search(ctx, q).await {
+                Ok(r) => {
+                    let n = r.matches.len();
+                    found.extend(
+                        r.matches
+                            .into_iter()
+                            .filter_map(|m| m.resource.map(|x| (m.resource_type, x))),
+                    );
+                    if n < PAGE {
+                        break;
+                    }
+                    offset += n;
+                }
+                // a kind the caller may not read at all is simply absent (the denial is audited)
+                Err(e) if e.status == 403 => break,
+                Err(e) => return Err(e),
+            }
         }
     }
     let mut sections: HashMap<&str, Vec<(String, Value)>> = HashMap::new();
