@@ -897,7 +897,115 @@ async fn signed_referral_is_verified(b: Backend) {
     assert_eq!(r.status, 201, "{}", r.text);
 }
 
+async fn emergency_access_sees_six_information_not_letters(b: Backend) {
+    let Some(t) = TestServer::start(b).await else {
+        return;
+    };
+    let h = t.doctor(HOSP);
+    for body in [
+        example(&format!(
+            "{CLINS}/Bundle-Bundle-CLINS-Observations-Example-01.json"
+        )),
+        infection_bundle("inf-1"),
+        bundle_of(&["Condition-Example-JP-Condition-eCS-01.json"]),
+    ] {
+        assert_eq!(
+            t.post(&h, "/fhir/$register-clins?patient=pt-01", &body)
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        t.post(
+            &h,
+            "/fhir/$register-document?patient=pt-01",
+            &referral_bundle(HOSP, CLINIC, "r-1")
+        )
+        .await
+        .status,
+        201
+    );
+    let er = t.doctor(OTHER);
+    // without a session: nothing under purpose emergency
+    let none = t
+        .get_as(&er, "emergency", "/fhir/Observation?patient=Patient/pt-01")
+        .await;
+    assert!(
+        none.status == 403 || none.body["total"] == 0,
+        "{}",
+        none.text
+    );
+    let now = t.now();
+    t.eligibility.shared.emergency.open(
+        tsunagi_eligibility::emergency::Session {
+            id: "s1".into(),
+            patient: "pt-01".into(),
+            org: OTHER.into(),
+            user: format!("doctor-{OTHER}"),
+            until: now + Duration::hours(2),
+        },
+        now,
+    );
+    let obs = t
+        .get_as(&er, "emergency", "/fhir/Observation?patient=Patient/pt-01")
+        .await;
+    assert_eq!(obs.body["total"], 5, "{}", obs.text);
+    assert_eq!(
+        t.get_as(&er, "emergency", "/fhir/Condition?patient=Patient/pt-01")
+            .await
+            .body["total"],
+        1
+    );
+    assert_eq!(
+        t.get_as(
+            &er,
+            "emergency",
+            "/fhir/MedicationRequest?patient=Patient/pt-01"
+        )
+        .await
+        .body["total"],
+        1
+    );
+    // but not the referral letter addressed to the clinic, nor its body
+    let docs = t
+        .get_as(
+            &er,
+            "emergency",
+            "/fhir/DocumentReference?patient=Patient/pt-01",
+        )
+        .await;
+    assert_eq!(docs.body["total"], 0, "{}", docs.text);
+    assert_eq!(
+        t.get_as(&er, "emergency", "/fhir/Basic?patient=Patient/pt-01")
+            .await
+            .body["total"],
+        0
+    );
+    let every = t
+        .get_as(&er, "emergency", "/fhir/Patient/pt-01/$everything")
+        .await;
+    assert_eq!(every.status, 200, "{}", every.text);
+    assert!(!every.text.contains("57133-1"), "{}", every.text);
+    let s = t
+        .get_as(&er, "emergency", "/fhir/Patient/pt-01/$summary")
+        .await;
+    assert_eq!(s.status, 200, "{}", s.text);
+    assert!(s.text.contains("infections") && s.text.contains("lab-latest"));
+    // the session ends
+    t.advance(Duration::hours(2));
+    let after = t
+        .get_as(&er, "emergency", "/fhir/Observation?patient=Patient/pt-01")
+        .await;
+    assert!(
+        after.status == 403 || after.body["total"] == 0,
+        "{}",
+        after.text
+    );
+}
+
 both_backends!(
+    emergency_access_sees_six_information_not_letters,
     official_examples_are_accepted_and_replaced,
     error_examples_and_rule_violations_store_nothing,
     consent_categories_split_one_type,
