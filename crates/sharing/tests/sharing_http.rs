@@ -1004,7 +1004,44 @@ async fn emergency_access_sees_six_information_not_letters(b: Backend) {
     );
 }
 
+/// The grant comes from a real card reception (`$reception`, category A only).
+async fn reception_consent_opens_category_a(b: Backend) {
+    let Some(t) = TestServer::start(b).await else {
+        return;
+    };
+    t.seed_person("pt-09", "受付", "花子", "1980-01-01", "東京都千代田区");
+    let h = t.doctor(HOSP);
+    for body in [
+        example(&format!(
+            "{CLINS}/Bundle-Bundle-CLINS-Observations-Example-01.json"
+        )),
+        infection_bundle("inf-1"),
+    ] {
+        assert_eq!(
+            t.post(&h, "/fhir/$register-clins?patient=pt-09", &body)
+                .await
+                .status,
+            200
+        );
+    }
+    let card = t.card("pt-09");
+    let clerk = t.token(OTHER, OrgKind::Hospital, Role::Clerk);
+    let r = t
+        .reception(&clerk, &card, [true, false, false], "outpatient")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let d = t.doctor(OTHER);
+    let obs = t.get(&d, "/fhir/Observation?patient=Patient/pt-09").await;
+    assert_eq!(obs.body["total"], 1, "{}", obs.text);
+    assert!(obs.text.contains("5F016141002305151"));
+    // the window: an outpatient grant lasts 24 hours
+    t.advance(Duration::hours(24));
+    let obs = t.get(&d, "/fhir/Observation?patient=Patient/pt-09").await;
+    assert!(obs.status == 403 || obs.body["total"] == 0, "{}", obs.text);
+}
+
 both_backends!(
+    reception_consent_opens_category_a,
     emergency_access_sees_six_information_not_letters,
     official_examples_are_accepted_and_replaced,
     error_examples_and_rule_violations_store_nothing,
