@@ -568,11 +568,13 @@ pub fn prepare_document(
                     "a checkup report carries no attachments",
                 ));
             }
-            let insurer = list
-                .iter()
-                .filter(|(_, r)| rt_of(r) == "Organization")
-                .find_map(|(_, r)| org_number(r, INSURER_OID).map(str::to_string))
-                .or(insurer_of_patient);
+            // the insurer of record (the patient's current coverage) first; the
+            // insurer named in the report only when the platform knows none
+            let insurer = insurer_of_patient.or_else(|| {
+                list.iter()
+                    .filter(|(_, r)| rt_of(r) == "Organization")
+                    .find_map(|(_, r)| org_number(r, INSURER_OID).map(str::to_string))
+            });
             if let Some(i) = insurer {
                 extra.push((INSURER_LABEL_SYSTEM.into(), i));
             }
