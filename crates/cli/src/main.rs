@@ -134,9 +134,14 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let eligibility = tokio::task::spawn_blocking(move || tsunagi_eligibility::EligibilityService::open(st, &dir, Default::default()))
             .await?
             .map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
+        let (st, dir) = (store.clone(), config.data_dir.clone());
+        let erx = tokio::task::spawn_blocking(move || tsunagi_eprescription::EprescriptionService::open(st, &dir, Default::default()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("e-prescription service: {e}"))?;
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
+            .service(Arc::new(erx))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
