@@ -111,7 +111,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
 pub fn import_reader(
     store: &dyn Store,
     validator: Option<&tsunagi_validation::Validator>,
-    reader: impl BufRead,
+    reader: impl BufRead + Send,
     batch: usize,
     actor: &Principal,
     mut progress: impl FnMut(u64, u64),
@@ -119,28 +119,66 @@ pub fn import_reader(
     let validated = validator.is_some();
     let started = Instant::now();
     let mut stats = Stats::default();
-    let mut pending: Vec<(u64, String, String, Value)> = Vec::with_capacity(batch);
-    let mut bytes = 0u64;
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.with_context(|| format!("reading line {line_no}"))?;
-        bytes += line.len() as u64 + 1;
-        if line.trim().is_empty() {
-            continue;
+    // Parsing and validation (CPU) run on a second thread, one batch ahead of the
+    // writer, so the two overlap instead of taking turns.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ParsedBatch>(2);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let producer = scope.spawn(move || -> anyhow::Result<()> {
+            let mut batch_out = ParsedBatch::with_capacity(batch);
+            let mut bytes = 0u64;
+            for (i, line) in reader.lines().enumerate() {
+                let line_no = i as u64 + 1;
+                let line = line.with_context(|| format!("reading line {line_no}"))?;
+                bytes += line.len() as u64 + 1;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match parse_line(&line, validator) {
+                    Ok((rt, id, v)) => batch_out.rows.push((line_no, rt, id, v)),
+                    Err(e) => batch_out.failed.push((line_no, e)),
+                }
+                if batch_out.rows.len() >= batch {
+                    batch_out.bytes = bytes;
+                    let full = std::mem::replace(&mut batch_out, ParsedBatch::with_capacity(batch));
+                    if tx.send(full).is_err() {
+                        return Ok(()); // writer gone: it reports its own error
+                    }
+                }
+            }
+            batch_out.bytes = bytes;
+            let _ = tx.send(batch_out);
+            Ok(())
+        });
+        for mut b in rx {
+            stats.failed.append(&mut b.failed);
+            flush(store, &mut b.rows, actor, validated, &mut stats);
+            progress(b.bytes, stats.imported);
         }
-        match parse_line(&line, validator) {
-            Ok((rt, id, v)) => pending.push((line_no, rt, id, v)),
-            Err(e) => stats.failed.push((line_no, e)),
-        }
-        if pending.len() >= batch {
-            flush(store, &mut pending, actor, validated, &mut stats);
-            progress(bytes, stats.imported);
-        }
-    }
-    flush(store, &mut pending, actor, validated, &mut stats);
-    progress(bytes, stats.imported);
+        producer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the parsing thread panicked"))?
+    })?;
+    stats.failed.sort_by_key(|(line, _)| *line);
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// Parsed lines on their way from the parsing thread to the writer.
+struct ParsedBatch {
+    rows: Vec<(u64, String, String, Value)>,
+    failed: Vec<(u64, String)>,
+    /// Bytes read up to the end of this batch (progress).
+    bytes: u64,
+}
+
+impl ParsedBatch {
+    fn with_capacity(n: usize) -> Self {
+        ParsedBatch {
+            rows: Vec::with_capacity(n),
+            failed: Vec::new(),
+            bytes: 0,
+        }
+    }
 }
 
 fn parse_line(

@@ -13,7 +13,7 @@
 //! - [`selfservice`]: the patient's own API (eligibility, consents, access history).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::{Extension, Router};
 use chrono::{DateTime, Utc};
@@ -34,42 +34,7 @@ pub mod facility;
 pub mod reception;
 pub mod selfservice;
 
-/// The service's clock. Grants, sessions and declarations are judged against it,
-/// so tests can place "now" exactly (one second before or after an expiry).
-pub trait Clock: Send + Sync {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The real time.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
-
-/// A clock that stays where it is put (tests).
-pub struct ManualClock(Mutex<DateTime<Utc>>);
-
-impl ManualClock {
-    pub fn new(t: DateTime<Utc>) -> Self {
-        ManualClock(Mutex::new(t))
-    }
-    pub fn set(&self, t: DateTime<Utc>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = t;
-    }
-    pub fn advance(&self, d: chrono::Duration) {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *g += d;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> DateTime<Utc> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+pub use tsunagi_server::clock::{Clock, ManualClock, SystemClock};
 
 /// State shared by the service's handlers and its access rules.
 pub struct Shared {

@@ -3,10 +3,12 @@
 //! Tokens are JWTs signed with EdDSA; verification accepts nothing else, so `none`,
 //! HMAC and algorithm-confusion tokens fail. Tokens are secrets: nothing here logs them.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,6 +20,7 @@ use jsonwebtoken::jwk::{Jwk, ThumbprintHash};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tsunagi_fhir::FhirError;
 
 use crate::identity::{OrgKind, Principal, Role, role_allowed_for};
@@ -40,6 +43,45 @@ pub struct ServerKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     public_jwk: Jwk,
+    verified: VerifiedCache,
+}
+
+/// Tokens already verified, by the SHA-256 of the whole token (signature included),
+/// with the validity window to check again on every use. A client sends the same
+/// token for many requests; the signature check was an eighth of a read's CPU.
+/// Only tokens that passed every check are cached, so an entry cannot be forged:
+/// any change to the token changes its hash.
+#[derive(Default)]
+struct VerifiedCache(Mutex<HashMap<[u8; 32], CachedToken>>);
+
+struct CachedToken {
+    principal: Principal,
+    /// Unix seconds; the same leeway applies as on first verification.
+    not_before: i64,
+    expires: i64,
+}
+
+/// Bound on cached tokens; on overflow expired ones go first, then all.
+const VERIFIED_CACHE_MAX: usize = 65_536;
+
+impl VerifiedCache {
+    fn get(&self, key: &[u8; 32], t: i64) -> Option<Principal> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let c = map.get(key)?;
+        (c.expires + LEEWAY_SECS > t && c.not_before <= t + LEEWAY_SECS)
+            .then(|| c.principal.clone())
+    }
+
+    fn put(&self, key: [u8; 32], entry: CachedToken, t: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= VERIFIED_CACHE_MAX {
+            map.retain(|_, c| c.expires + LEEWAY_SECS > t);
+            if map.len() >= VERIFIED_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(key, entry);
+    }
 }
 
 impl std::fmt::Debug for ServerKeys {
@@ -152,6 +194,7 @@ impl ServerKeys {
             encoding,
             decoding,
             public_jwk,
+            verified: VerifiedCache::default(),
         })
     }
 
@@ -207,6 +250,27 @@ impl ServerKeys {
     /// Verifies a bearer token at time `now` and returns its principal, or a 401
     /// saying what is wrong (never echoing the token).
     pub fn verify(&self, token: &str, now: DateTime<Utc>) -> Result<Principal, FhirError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let t = now.timestamp();
+        if let Some(p) = self.verified.get(&key, t) {
+            return Ok(p);
+        }
+        let (principal, not_before, expires) = self.verify_uncached(token, t)?;
+        self.verified.put(
+            key,
+            CachedToken {
+                principal: principal.clone(),
+                not_before,
+                expires,
+            },
+            t,
+        );
+        Ok(principal)
+    }
+
+    /// Every check of a token, at unix time `t`; returns the principal and the
+    /// token's `nbf` (or `iat`) and `exp`.
+    fn verify_uncached(&self, token: &str, t: i64) -> Result<(Principal, i64, i64), FhirError> {
         let unauthorized = |m: &str| FhirError::unauthorized(format!("bearer token rejected: {m}"));
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| unauthorized("not a well-formed JWT"))?;
@@ -228,7 +292,6 @@ impl ServerKeys {
             _ => unauthorized("malformed token or claims"),
         })?;
         let c = data.claims;
-        let t = now.timestamp();
         if c.iss != ISSUER {
             return Err(unauthorized("wrong issuer"));
         }
@@ -252,7 +315,8 @@ impl ServerKeys {
         if role == Role::Patient && c.patient.is_none() {
             return Err(unauthorized("patient token without a patient id"));
         }
-        Ok(Principal {
+        let not_before = c.nbf.unwrap_or(c.iat);
+        let principal = Principal {
             org: c.org,
             org_kind,
             org_flags: c.org_flags,
@@ -261,7 +325,8 @@ impl ServerKeys {
             patient: c.patient,
             second_factor: c.amr.iter().any(|a| a == AMR_MFA),
             token_id: c.jti,
-        })
+        };
+        Ok((principal, not_before, c.exp))
     }
 }
 
@@ -364,7 +429,9 @@ mod tests {
                 .contains("signature")
         );
 
-        // tampered claims: role upgraded to operator
+        // tampered claims: role upgraded to operator, after the genuine token was
+        // verified (and cached)
+        assert_eq!(k1.verify(&t, now).unwrap().role, Role::Doctor);
         let mut claims: Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         claims["role"] = "operator".into();

@@ -7,9 +7,11 @@
 //! - [`state`]: shared state and the [`ServiceModule`] plug-in trait.
 //! - [`orgs`]: the organisation registry (Organization resources).
 //! - [`capability`]: the CapabilityStatement, generated from what is implemented.
+//! - [`clock`]: injectable time for services and their tests.
 
 pub mod bundle;
 pub mod capability;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod http;
