@@ -297,7 +297,7 @@ struct Tokens {
     pharmacist: String,
 }
 
-fn tokens(data_dir: &PathBuf) -> anyhow::Result<Tokens> {
+fn tokens(data_dir: &std::path::Path) -> anyhow::Result<Tokens> {
     let keys = tsunagi_policy::ServerKeys::load_or_create(data_dir)
         .map_err(|e| anyhow::anyhow!("server key: {e}"))?;
     let mk = |org: &str, kind, role| -> anyhow::Result<String> {

@@ -25,7 +25,7 @@ use tsunagi_server::{AppState, OperationDecl, ServiceModule};
 use tsunagi_store::Store;
 use tsunagi_terminology::Terminology;
 
-pub use tsunagi_eligibility::{Clock, ManualClock, SystemClock};
+pub use tsunagi_server::clock::{Clock, ManualClock, SystemClock};
 
 pub mod checks;
 pub mod demo;
