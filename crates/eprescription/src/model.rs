@@ -273,8 +273,11 @@ impl MedIndex {
     pub fn prune(&mut self, keep_from: NaiveDate) {
         self.meds.retain(|m| m.end() > keep_from);
     }
+    /// Drops the prescription lines of `rx` (cancelled); what was already
+    /// dispensed under it (earlier refill cycles, split parts) stays.
     pub fn remove_rx(&mut self, rx: &str) {
-        self.meds.retain(|m| m.rx.as_deref() != Some(rx));
+        self.meds
+            .retain(|m| m.rx.as_deref() != Some(rx) || m.resource_type() == "MedicationDispense");
     }
 }
 
@@ -334,6 +337,33 @@ mod tests {
         }
         assert_eq!(r.state, State::Dispensed);
         assert_eq!(r.dispenses.len(), 6);
+    }
+
+    #[test]
+    fn cancelling_keeps_what_was_dispensed() {
+        let day = NaiveDate::from_ymd_opt(2026, 11, 21).unwrap();
+        let line = |source: &str, rx: Option<&str>| Med {
+            code: "2325003F1020".into(),
+            display: String::new(),
+            start: day,
+            days: 28,
+            org: "h".into(),
+            source: source.into(),
+            rx: rx.map(str::to_string),
+        };
+        let mut idx = MedIndex {
+            patient: "p".into(),
+            meds: vec![
+                line("MedicationRequest/a-1", Some("a")),
+                line("MedicationDispense/d1", Some("a")),
+                line("MedicationRequest/b-1", Some("b")),
+            ],
+        };
+        idx.remove_rx("a");
+        let left: Vec<&str> = idx.meds.iter().map(|m| m.source.as_str()).collect();
+        assert_eq!(left, ["MedicationDispense/d1", "MedicationRequest/b-1"]);
+        idx.prune(day + Duration::days(28));
+        assert!(idx.meds.is_empty());
     }
 
     #[test]
