@@ -139,10 +139,15 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
             .map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
         let sharing = tsunagi_sharing::SharingService::new(Default::default());
         let _retention = sharing.spawn_retention(store.clone());
+        let (st, dir) = (store.clone(), config.data_dir.clone());
+        let erx = tokio::task::spawn_blocking(move || tsunagi_eprescription::EprescriptionService::open(st, &dir, Default::default()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("e-prescription service: {e}"))?;
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
             .service(Arc::new(sharing))
+            .service(Arc::new(erx))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
