@@ -59,6 +59,8 @@ enum Command {
     Coverage(tsunagi_eligibility::cli::CoverageArgs),
     /// EHR sharing retention rules: physical, audited deletion of what is due.
     Retention(tsunagi_sharing::cli::RetentionArgs),
+    /// Public Medical Hub: programme catalogue, municipalities' recipient files, generator.
+    Pmh(tsunagi_pmh::cli::PmhArgs),
 }
 
 fn init_logging(format: &str) {
@@ -100,6 +102,7 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Card(a) => exit_code(tsunagi_eligibility::cli::run_card(a)?),
         Command::Coverage(a) => exit_code(tsunagi_eligibility::cli::run_coverage(a)?),
         Command::Retention(a) => exit_code(tsunagi_sharing::cli::run_retention(a)?),
+        Command::Pmh(a) => exit_code(tsunagi_pmh::cli::run_pmh(a)?),
     }
 }
 
@@ -126,6 +129,8 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
             let dir = config.data_dir.clone();
             let summary = tokio::task::spawn_blocking(move || demo::ensure(&*st, &dir)).await??;
             eprintln!("demo dataset ready: {summary}; listing in {}", config.data_dir.join("demo.json").display());
+            let st = store.clone();
+            eprintln!("{}", tokio::task::spawn_blocking(move || tsunagi_pmh::demo::seed(st)).await?.map_err(|e| anyhow::anyhow!("pmh demo data: {e}"))?);
         }
         // Installed packages and masters, when present, add full profile checking;
         // without them the built-in R4 structure and the platform's rules apply.
@@ -143,11 +148,16 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let erx = tokio::task::spawn_blocking(move || tsunagi_eprescription::EprescriptionService::open(st, &dir, Default::default()))
             .await?
             .map_err(|e| anyhow::anyhow!("e-prescription service: {e}"))?;
+        let (st, el) = (store.clone(), eligibility.shared.clone());
+        let pmh = tokio::task::spawn_blocking(move || tsunagi_pmh::PmhService::open(st, Some(el)))
+            .await?
+            .map_err(|e| anyhow::anyhow!("pmh service: {e}"))?;
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
             .service(Arc::new(sharing))
             .service(Arc::new(erx))
+            .service(Arc::new(pmh))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;

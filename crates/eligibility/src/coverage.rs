@@ -912,6 +912,44 @@ pub fn current_coverage(
     Ok(keep_current(found.matches, on))
 }
 
+/// 保険種別コード system of the e-prescription IG; code `8` is 公費 (public expense).
+pub const INSURANCE_TYPE_SYSTEM: &str = "urn:oid:1.2.392.100495.20.2.61";
+
+/// Whether a Coverage is a public-expense subsidy (公費負担医療 or 地方単独医療費助成,
+/// type `8` as `JP_Coverage_ePrescriptionData_publicPayment` models it), as
+/// registered by municipalities through PMH.
+pub fn is_public_expense(c: &Value) -> bool {
+    c.pointer("/type/coding")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|x| {
+                x.get("system").and_then(Value::as_str) == Some(INSURANCE_TYPE_SYSTEM)
+                    && x.get("code").and_then(Value::as_str) == Some("8")
+            })
+        })
+}
+
+/// The public-expense Coverage of a person in force on `on`, read as the platform
+/// (callers decide access and audit), in a stable order (by id).
+pub fn current_subsidies(
+    store: &dyn Store,
+    person_id: &str,
+    on: NaiveDate,
+) -> FhirResult<Vec<StoredResource>> {
+    let found = store.search(&person_coverage_query(person_id)?, &Scope::Unrestricted)?;
+    let mut subsidies: Vec<StoredResource> = found
+        .matches
+        .into_iter()
+        .filter(|s| {
+            s.resource.as_ref().is_some_and(|c| {
+                is_public_expense(c) && coverage_state(c, on) == CoverageState::Current
+            })
+        })
+        .collect();
+    subsidies.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(subsidies)
+}
+
 /// Where a Coverage stands on a date.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoverageState {
@@ -1022,5 +1060,15 @@ mod tests {
             coverage_state(&c, d("2024-01-01")),
             CoverageState::NotStarted(_)
         ));
+    }
+
+    #[test]
+    fn public_expense_is_type_8_of_the_insurance_type_system() {
+        let sub = json!({"type": {"coding": [{"system": INSURANCE_TYPE_SYSTEM, "code": "8"}]}});
+        assert!(is_public_expense(&sub));
+        let other = json!({"type": {"coding": [{"system": INSURANCE_TYPE_SYSTEM, "code": "1"}]}});
+        assert!(!is_public_expense(&other));
+        let v3 = json!({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "8"}]}});
+        assert!(!is_public_expense(&v3));
     }
 }

@@ -142,6 +142,9 @@ pub struct Answer {
     pub message: String,
     pub coverage: Option<StoredResource>,
     pub patient: Option<StoredResource>,
+    /// Public-expense Coverage (公費・地方単独助成) of the person in force on the day,
+    /// when eligible: the insurance and every subsidy in one answer.
+    pub subsidies: Vec<StoredResource>,
 }
 
 /// Looks the member up (platform read; see the module docs) and judges eligibility.
@@ -152,6 +155,7 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
         message: "no coverage matches these insurance numbers and birth date".into(),
         coverage: None,
         patient: None,
+        subsidies: Vec::new(),
     };
     // Registered coverage: primary key derived from the member key.
     let mut candidates: Vec<StoredResource> = store
@@ -207,11 +211,17 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
             CoverageState::NotStarted(d) => ("not-started", format!("coverage starts on {d}")),
             CoverageState::Cancelled => ("cancelled", "coverage was cancelled".to_string()),
         };
+        let subsidies = if status == "eligible" {
+            crate::coverage::current_subsidies(store, &patient.id, q.on)?
+        } else {
+            Vec::new()
+        };
         return Ok(Answer {
             status,
             message,
             coverage: Some(cov),
             patient: Some(patient),
+            subsidies,
         });
     }
     Ok(not_found())
@@ -246,6 +256,11 @@ pub fn render(a: &Answer, on: NaiveDate) -> Value {
     }
     if eligible && let Some(p) = a.patient.as_ref().and_then(|p| p.resource.as_ref()) {
         params.push(json!({"name": "patient", "resource": identity_view(p)}));
+    }
+    if eligible {
+        for s in a.subsidies.iter().filter_map(|s| s.resource.as_ref()) {
+            params.push(json!({"name": "subsidy", "resource": s}));
+        }
     }
     json!({"resourceType": "Parameters", "parameter": params})
 }
@@ -286,7 +301,11 @@ async fn eligibility(
     let q2 = q.clone();
     let answer = blocking(move || lookup(&*store, &q2)).await?;
     let mut resources = Vec::new();
-    for s in [&answer.coverage, &answer.patient].into_iter().flatten() {
+    for s in [&answer.coverage, &answer.patient]
+        .into_iter()
+        .flatten()
+        .chain(answer.subsidies.iter())
+    {
         resources.push(format!(
             "{}/{}/_history/{}",
             s.resource_type, s.id, s.version

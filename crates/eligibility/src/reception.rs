@@ -558,8 +558,15 @@ async fn do_reception(
         json!({"name": "patient", "valueReference": {"reference": format!("Patient/{person}")}}),
         json!({"name": "certificateKind", "valueCode": cert.kind.as_str()}),
     ];
-    for c in coverage {
+    // insurance first, then every subsidy (公費, type 8) as its own parameter
+    let (subsidies, insurance): (Vec<Value>, Vec<Value>) = coverage
+        .into_iter()
+        .partition(crate::coverage::is_public_expense);
+    for c in insurance {
         out.push(json!({"name": "coverage", "resource": c}));
+    }
+    for c in subsidies {
+        out.push(json!({"name": "subsidy", "resource": c}));
     }
     out.push(json!({"name": "grant", "resource": grant.to_resource("active")}));
     out.push(json!({"name": "validUntil", "valueInstant": grant.end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}));
