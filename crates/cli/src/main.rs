@@ -57,6 +57,8 @@ enum Command {
     Card(tsunagi_eligibility::cli::CardArgs),
     /// Insurers' coverage files (資格情報): bulk import with per-row error report.
     Coverage(tsunagi_eligibility::cli::CoverageArgs),
+    /// EHR sharing retention rules: physical, audited deletion of what is due.
+    Retention(tsunagi_sharing::cli::RetentionArgs),
     /// Public Medical Hub: programme catalogue, municipalities' recipient files, generator.
     Pmh(tsunagi_pmh::cli::PmhArgs),
 }
@@ -99,6 +101,7 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Masters(a) => exit_code(tsunagi_terminology::cli::run_masters(a)?),
         Command::Card(a) => exit_code(tsunagi_eligibility::cli::run_card(a)?),
         Command::Coverage(a) => exit_code(tsunagi_eligibility::cli::run_coverage(a)?),
+        Command::Retention(a) => exit_code(tsunagi_sharing::cli::run_retention(a)?),
         Command::Pmh(a) => exit_code(tsunagi_pmh::cli::run_pmh(a)?),
     }
 }
@@ -139,6 +142,12 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let eligibility = tokio::task::spawn_blocking(move || tsunagi_eligibility::EligibilityService::open(st, &dir, Default::default()))
             .await?
             .map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
+        let sharing = tsunagi_sharing::SharingService::new(Default::default());
+        let _retention = sharing.spawn_retention(store.clone());
+        let (st, dir) = (store.clone(), config.data_dir.clone());
+        let erx = tokio::task::spawn_blocking(move || tsunagi_eprescription::EprescriptionService::open(st, &dir, Default::default()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("e-prescription service: {e}"))?;
         let (st, el) = (store.clone(), eligibility.shared.clone());
         let pmh = tokio::task::spawn_blocking(move || tsunagi_pmh::PmhService::open(st, Some(el)))
             .await?
@@ -146,6 +155,8 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
+            .service(Arc::new(sharing))
+            .service(Arc::new(erx))
             .service(Arc::new(pmh))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;

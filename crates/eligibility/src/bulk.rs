@@ -115,7 +115,33 @@ pub struct ImportStats {
     pub failed: u64,
     /// Lines skipped because a checkpoint said they were committed.
     pub resumed_after: u64,
+    /// Rows among those skipped lines that an earlier run reported as failed (from
+    /// the error report), so a resumed import still ends with a failure status.
+    pub failed_before_resume: u64,
     pub seconds: f64,
+}
+
+impl ImportStats {
+    /// Failed rows of the whole file, this run and the runs it resumed.
+    pub fn failed_in_file(&self) -> u64 {
+        self.failed + self.failed_before_resume
+    }
+}
+
+/// Distinct line numbers up to `last_line` in an existing error report.
+fn failed_lines_up_to(report: &Path, last_line: u64) -> anyhow::Result<u64> {
+    let text = match std::fs::read_to_string(report) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", report.display())),
+    };
+    let lines: std::collections::BTreeSet<u64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next()?.parse::<u64>().ok())
+        .filter(|&n| n <= last_line)
+        .collect();
+    Ok(lines.len() as u64)
 }
 
 pub fn checkpoint_path(file: &Path) -> PathBuf {
@@ -205,8 +231,14 @@ pub fn import_file(
     if errors_out.seek(SeekFrom::End(0))? == 0 {
         writeln!(errors_out, "line,field,element,reason")?;
     }
+    let failed_before_resume = if opts.resume {
+        failed_lines_up_to(&errors_path(&opts.file), resume_after)?
+    } else {
+        0
+    };
     let mut stats = ImportStats {
         resumed_after: resume_after,
+        failed_before_resume,
         ..Default::default()
     };
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -631,15 +663,18 @@ pub mod cli {
             stats.imported as f64 / stats.seconds.max(1e-9),
             stats.failed,
             if stats.resumed_after > 0 {
-                format!("; resumed after line {}", stats.resumed_after)
+                format!(
+                    "; resumed after line {} ({} row(s) failed before)",
+                    stats.resumed_after, stats.failed_before_resume
+                )
             } else {
                 String::new()
             }
         );
-        if stats.failed > 0 {
+        if stats.failed_in_file() > 0 {
             println!("error report: {}", errors_path(&a.file).display());
         }
-        Ok(if stats.failed == 0 { 0 } else { 1 })
+        Ok(if stats.failed_in_file() == 0 { 0 } else { 1 })
     }
 
     fn generate(a: GenerateArgs) -> anyhow::Result<i32> {

@@ -19,7 +19,7 @@ use tsunagi_fhir::{FhirResult, query};
 use tsunagi_policy::identity::{Principal, Purpose, Role};
 use tsunagi_policy::policy::{AccessRequest, Operation, ScopeGrant, Verdict};
 use tsunagi_server::orgs::MEDICAL_INSTITUTION_SYSTEM;
-use tsunagi_store::{Scope, ScopeRule, Store};
+use tsunagi_store::{LabelFilter, Scope, ScopeRule, Store};
 
 use crate::Shared;
 
@@ -30,6 +30,97 @@ pub const CATEGORY_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/consent-c
 pub const GRANT_KIND_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/consent-grant-kind";
 /// Code system of the care setting (`Consent.category`): `outpatient`, `inpatient`.
 pub const SETTING_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/care-setting";
+
+/// Security-label code (in [`CATEGORY_SYSTEM`], `meta.security`) of documents no
+/// consent category opens: referral letters and discharge summaries, read only
+/// by their addressee (and their author).
+pub const ADDRESSEE_ONLY: &str = "addressee";
+
+/// Category labels (`meta.security` codings of [`CATEGORY_SYSTEM`]) of a target.
+fn category_labels(labels: &[(String, String)]) -> Vec<&str> {
+    labels
+        .iter()
+        .filter(|(s, _)| s == CATEGORY_SYSTEM)
+        .map(|(_, c)| c.as_str())
+        .collect()
+}
+
+/// Whether a reader with these grant categories may read a resource of type
+/// `rt` with these labels. A resource the sharing service labelled with its
+/// category (an infection Observation is `A`, a lab one `B`) is judged by its
+/// label; an unlabelled one by its type ([`readable_types`]).
+pub fn categories_admit(
+    qualified: bool,
+    categories: &[Category],
+    hide_clinical: bool,
+    rt: &str,
+    labels: &[(String, String)],
+) -> bool {
+    let mine = category_labels(labels);
+    if mine.is_empty() {
+        return readable_types(qualified, categories, hide_clinical)
+            .iter()
+            .any(|t| t == rt);
+    }
+    qualified
+        && (!hide_clinical || MEDICATION_TYPES.contains(&rt))
+        && mine
+            .iter()
+            .any(|c| categories.iter().any(|k| k.as_str() == *c))
+}
+
+/// Scope rules for one patient under grants with these categories, the SQL
+/// twin of [`categories_admit`]: unlabelled resources of the readable types, and
+/// resources labelled with a granted category.
+pub fn category_scope(
+    patient: &str,
+    qualified: bool,
+    categories: &[Category],
+    hide_clinical: bool,
+) -> Vec<ScopeRule> {
+    let types = readable_types(qualified, categories, hide_clinical);
+    let mut rules = vec![ScopeRule::Labeled {
+        rule: Box::new(ScopeRule::Patient {
+            id: patient.to_string(),
+            types: Some(types),
+        }),
+        filter: LabelFilter {
+            system: CATEGORY_SYSTEM.to_string(),
+            allow: Some(Vec::new()),
+            deny: Vec::new(),
+            unlabelled: true,
+        },
+    }];
+    if qualified && !categories.is_empty() {
+        rules.push(ScopeRule::Labeled {
+            rule: Box::new(ScopeRule::Patient {
+                id: patient.to_string(),
+                types: hide_clinical
+                    .then(|| MEDICATION_TYPES.iter().map(|t| t.to_string()).collect()),
+            }),
+            filter: LabelFilter {
+                system: CATEGORY_SYSTEM.to_string(),
+                allow: Some(categories.iter().map(|c| c.as_str().to_string()).collect()),
+                deny: Vec::new(),
+                unlabelled: false,
+            },
+        });
+    }
+    rules
+}
+
+/// Whether any rule of [`category_scope`] can admit type `rt`.
+pub fn category_scope_covers(
+    qualified: bool,
+    categories: &[Category],
+    hide_clinical: bool,
+    rt: &str,
+) -> bool {
+    readable_types(qualified, categories, hide_clinical)
+        .iter()
+        .any(|t| t == rt)
+        || qualified && !categories.is_empty() && (!hide_clinical || MEDICATION_TYPES.contains(&rt))
+}
 
 /// Eligibility data: visible to any staff of a facility holding a live grant.
 pub const ELIGIBILITY_TYPES: &[&str] = &["Patient", "Coverage"];
@@ -430,7 +521,13 @@ impl tsunagi_policy::AccessRule for ConsentRule {
         cats.sort();
         cats.dedup();
         let types = self.types_for(p, &cats);
-        if types.iter().any(|t| t == &req.resource_type) {
+        if categories_admit(
+            qualified(&self.0, p.role),
+            &cats,
+            self.0.facility.hides_clinical(&p.org),
+            &req.resource_type,
+            &req.labels,
+        ) {
             let until = live.iter().map(|g| g.end).max().unwrap_or(now);
             Verdict::Permit(format!(
                 "patient consented at reception (categories {}) until {}",
@@ -457,12 +554,21 @@ impl tsunagi_policy::AccessRule for ConsentRule {
             .consent
             .live_for_org(&p.org, GrantKind::Reception, now)
             .into_iter()
-            .filter_map(|(patient, cats)| {
-                let types = self.types_for(p, &cats);
-                types.iter().any(|t| t == rt).then_some(ScopeRule::Patient {
-                    id: patient,
-                    types: Some(types),
-                })
+            .filter(|(_, cats)| {
+                category_scope_covers(
+                    qualified(&self.0, p.role),
+                    cats,
+                    self.0.facility.hides_clinical(&p.org),
+                    rt,
+                )
+            })
+            .flat_map(|(patient, cats)| {
+                category_scope(
+                    &patient,
+                    qualified(&self.0, p.role),
+                    &cats,
+                    self.0.facility.hides_clinical(&p.org),
+                )
             })
             .collect();
         if rules.is_empty() {

@@ -34,7 +34,9 @@ use tsunagi_store::{Scope, ScopeRule, Store, WriteContext};
 
 use crate::Shared;
 use crate::cards::SERVICE_ORG;
-use crate::consent::{Category, Grant, GrantKind, qualified, readable_types};
+use crate::consent::{
+    Category, Grant, GrantKind, categories_admit, category_scope, category_scope_covers, qualified,
+};
 use crate::emergency::{Lookup, find_patient};
 use crate::facility::SETTINGS_CODE_SYSTEM;
 use crate::reception::{Params, audit_event, audit_json, blocking, refuse, write_grants};
@@ -220,14 +222,6 @@ impl DisasterRule {
         }
         Ok(())
     }
-
-    fn types(&self, p: &Principal) -> Vec<String> {
-        readable_types(
-            qualified(&self.0, p.role),
-            &Category::ALL,
-            self.0.facility.hides_clinical(&p.org),
-        )
-    }
 }
 
 impl tsunagi_policy::AccessRule for DisasterRule {
@@ -259,7 +253,13 @@ impl tsunagi_policy::AccessRule for DisasterRule {
                 "the patient has not been looked up in disaster mode at this facility ($disaster-lookup)".into(),
             ));
         }
-        if self.types(p).contains(&req.resource_type) {
+        if categories_admit(
+            qualified(&self.0, p.role),
+            &Category::ALL,
+            self.0.facility.hides_clinical(&p.org),
+            &req.resource_type,
+            &req.labels,
+        ) {
             Verdict::Permit("disaster mode: declared area and period, lookup recorded".into())
         } else {
             Verdict::NotApplicable(Some(format!(
@@ -274,8 +274,11 @@ impl tsunagi_policy::AccessRule for DisasterRule {
         if purpose != Purpose::Disaster || self.in_force(p, now).is_err() {
             return ScopeGrant::None(None);
         }
-        let types = self.types(p);
-        if !types.iter().any(|t| t == rt) {
+        let (q, hide) = (
+            qualified(&self.0, p.role),
+            self.0.facility.hides_clinical(&p.org),
+        );
+        if !category_scope_covers(q, &Category::ALL, hide, rt) {
             return ScopeGrant::None(None);
         }
         let rules: Vec<ScopeRule> = self
@@ -283,10 +286,7 @@ impl tsunagi_policy::AccessRule for DisasterRule {
             .consent
             .live_for_org(&p.org, GrantKind::Disaster, now)
             .into_iter()
-            .map(|(id, _)| ScopeRule::Patient {
-                id,
-                types: Some(types.clone()),
-            })
+            .flat_map(|(id, _)| category_scope(&id, q, &Category::ALL, hide))
             .collect();
         if rules.is_empty() {
             ScopeGrant::None(None)

@@ -31,10 +31,10 @@ use tsunagi_policy::policy::{AccessRequest, ScopeGrant, Verdict};
 use tsunagi_server::http::extract::{Caller, FhirJson};
 use tsunagi_server::http::{ApiResult, fhir_json};
 use tsunagi_server::{AppState, Ctx, OperationDecl};
-use tsunagi_store::{Scope, ScopeRule, Store};
+use tsunagi_store::{LabelFilter, Scope, ScopeRule, Store};
 
 use crate::Shared;
-use crate::consent::{Category, readable_types};
+use crate::consent::{ADDRESSEE_ONLY, CATEGORY_SYSTEM, Category, readable_types};
 use crate::reception::{Params, audit_event, blocking, refuse};
 
 pub use crate::coverage::INSURANCE_MEMBER_SYSTEM;
@@ -156,6 +156,12 @@ impl tsunagi_policy::AccessRule for EmergencyRule {
                 "no open emergency access session for this patient ($emergency-access)".into(),
             ));
         };
+        if req.has_label(CATEGORY_SYSTEM, ADDRESSEE_ONLY) {
+            return Verdict::NotApplicable(Some(format!(
+                "this {} is addressed to another institution",
+                req.resource_type
+            )));
+        }
         if let Some(types) = self.types(p)
             && !types.contains(&req.resource_type)
         {
@@ -184,9 +190,18 @@ impl tsunagi_policy::AccessRule for EmergencyRule {
             .emergency
             .open_for(p, self.0.now())
             .into_iter()
-            .map(|s| ScopeRule::Patient {
-                id: s.patient,
-                types: types.clone(),
+            // everything of the patient except documents addressed to someone
+            .map(|s| ScopeRule::Labeled {
+                rule: Box::new(ScopeRule::Patient {
+                    id: s.patient,
+                    types: types.clone(),
+                }),
+                filter: LabelFilter {
+                    system: CATEGORY_SYSTEM.to_string(),
+                    allow: None,
+                    deny: vec![ADDRESSEE_ONLY.to_string()],
+                    unlabelled: true,
+                },
             })
             .collect();
         if rules.is_empty() {

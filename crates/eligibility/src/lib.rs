@@ -42,6 +42,8 @@ pub struct Shared {
     pub emergency: emergency::Sessions,
     pub disaster: disaster::Declarations,
     pub reception: reception::Nonces,
+    /// Nonces of the patient's card login (`/auth/card-nonce`), apart from reception's.
+    pub card_login: reception::Nonces,
     pub facility: facility::Settings,
     /// The card authority's key (stands in for J-LIS): verifies card certificates.
     pub cards: cards::CardAuthority,
@@ -113,6 +115,7 @@ impl EligibilityService {
                 emergency: emergency::Sessions::default(),
                 disaster: disaster::Declarations::default(),
                 reception: reception::Nonces::default(),
+                card_login: reception::Nonces::default(),
                 facility: facility::Settings::default(),
                 cards,
                 clock,

@@ -61,10 +61,30 @@ pub fn operations() -> Vec<OperationDecl> {
     ]
 }
 
-/// One-time reception nonces.
-#[derive(Default)]
+/// One-time reception nonces, at most `capacity` outstanding. Expired ones are
+/// swept when the map has doubled since the last sweep, so issuing stays O(1)
+/// amortised however many are outstanding.
 pub struct Nonces {
-    map: Mutex<HashMap<String, NonceEntry>>,
+    map: Mutex<NonceMap>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct NonceMap {
+    entries: HashMap<String, NonceEntry>,
+    sweep_at: usize,
+}
+
+/// Outstanding nonces a pool holds before refusing new ones (429). Facilities and
+/// the unauthenticated card login draw from separate pools, so a flood of login
+/// attempts cannot starve reception.
+pub const DEFAULT_NONCE_CAPACITY: usize = 100_000;
+const FIRST_SWEEP: usize = 1_024;
+
+impl Default for Nonces {
+    fn default() -> Self {
+        Nonces::with_capacity(DEFAULT_NONCE_CAPACITY)
+    }
 }
 
 struct NonceEntry {
@@ -98,17 +118,39 @@ impl NonceError {
 }
 
 impl Nonces {
-    /// A fresh nonce for `org`, valid for `ttl` from `now`.
-    pub fn issue(&self, org: &str, now: DateTime<Utc>, ttl: Duration) -> String {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Nonces {
+            map: Mutex::new(NonceMap::default()),
+            capacity,
+        }
+    }
+
+    /// A fresh nonce for `org`, valid for `ttl` from `now`; a 429 when the pool
+    /// already holds `capacity` unexpired nonces.
+    pub fn issue(&self, org: &str, now: DateTime<Utc>, ttl: Duration) -> FhirResult<String> {
         let mut bytes = [0u8; 24];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
         let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() > 10_000 {
-            // forget what can no longer be presented (stale for a whole TTL)
-            m.retain(|_, e| e.expires + ttl > now);
+        if m.entries.len() >= m.sweep_at.max(FIRST_SWEEP) || m.entries.len() >= self.capacity {
+            // forget what has been stale for a whole TTL (until then a late
+            // presentation is told "expired" rather than "unknown")
+            m.entries.retain(|_, e| e.expires + ttl > now);
+            m.sweep_at = (m.entries.len() * 2).max(FIRST_SWEEP);
         }
-        m.insert(
+        if m.entries.len() >= self.capacity {
+            return Err(FhirError::new(
+                429,
+                "throttled",
+                None,
+                format!(
+                    "too many outstanding nonces ({}); retry in {} seconds",
+                    self.capacity,
+                    ttl.num_seconds()
+                ),
+            ));
+        }
+        m.entries.insert(
             n.clone(),
             NonceEntry {
                 org: org.to_string(),
@@ -116,13 +158,13 @@ impl Nonces {
                 used: false,
             },
         );
-        n
+        Ok(n)
     }
 
     /// Uses a nonce up: it must exist, belong to `org`, be unused and unexpired.
     pub fn take(&self, nonce: &str, org: &str, now: DateTime<Utc>) -> Result<(), NonceError> {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.get_mut(nonce).ok_or(NonceError::Unknown)?;
+        let e = m.entries.get_mut(nonce).ok_or(NonceError::Unknown)?;
         if e.used {
             return Err(NonceError::Replayed);
         }
@@ -396,7 +438,7 @@ async fn nonce(
     }
     let ttl = Duration::seconds(shared.config.nonce_ttl_secs);
     let now = shared.now();
-    let n = shared.reception.issue(&ctx.principal.org, now, ttl);
+    let n = shared.reception.issue(&ctx.principal.org, now, ttl)?;
     Ok(fhir_json(
         StatusCode::OK,
         &json!({"resourceType": "Parameters", "parameter": [
@@ -600,12 +642,32 @@ mod tests {
         let n = Nonces::default();
         let t0: DateTime<Utc> = "2026-11-21T00:00:00Z".parse().unwrap();
         let ttl = Duration::seconds(300);
-        let a = n.issue("f1", t0, ttl);
+        let a = n.issue("f1", t0, ttl).unwrap();
         assert_eq!(n.take(&a, "f2", t0), Err(NonceError::OtherFacility));
         assert_eq!(n.take(&a, "f1", t0 + Duration::seconds(299)), Ok(()));
         assert_eq!(n.take(&a, "f1", t0), Err(NonceError::Replayed));
-        let b = n.issue("f1", t0, ttl);
+        let b = n.issue("f1", t0, ttl).unwrap();
         assert_eq!(n.take(&b, "f1", t0 + ttl), Err(NonceError::Stale));
         assert_eq!(n.take("nope", "f1", t0), Err(NonceError::Unknown));
+    }
+
+    #[test]
+    fn a_full_pool_refuses_until_nonces_age_out() {
+        let n = Nonces::with_capacity(3_000);
+        let t0: DateTime<Utc> = "2026-11-21T00:00:00Z".parse().unwrap();
+        let ttl = Duration::seconds(300);
+        let first = n.issue("patient", t0, ttl).unwrap();
+        for _ in 1..3_000 {
+            n.issue("patient", t0, ttl).unwrap();
+        }
+        let e = n.issue("patient", t0, ttl).unwrap_err();
+        assert_eq!(e.status, 429);
+        assert!(e.to_string().contains("too many outstanding nonces"), "{e}");
+        // the earlier ones still work while the pool is full
+        assert_eq!(n.take(&first, "patient", t0), Ok(()));
+        // stale for a whole TTL: swept, room again
+        let later = t0 + ttl + ttl;
+        let c = n.issue("patient", later, ttl).unwrap();
+        assert_eq!(n.take(&c, "patient", later), Ok(()));
     }
 }

@@ -81,14 +81,15 @@ fn me(ctx: &Ctx) -> FhirResult<String> {
 async fn card_nonce(
     State(_state): State<AppState>,
     Extension(shared): Extension<Arc<Shared>>,
-) -> Response {
+) -> ApiResult<Response> {
     let ttl = Duration::seconds(shared.config.nonce_ttl_secs);
     let now = shared.now();
-    let n = shared.reception.issue(PATIENT_ORG, now, ttl);
-    fhir_json(
+    // unauthenticated: its own bounded pool, so a flood cannot starve reception
+    let n = shared.card_login.issue(PATIENT_ORG, now, ttl)?;
+    Ok(fhir_json(
         StatusCode::OK,
         &json!({"nonce": n, "expires": (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}),
-    )
+    ))
 }
 
 async fn card_login(
@@ -109,7 +110,7 @@ async fn card_login(
         let (nonce, cert, sig) = (field("nonce")?, field("certificate")?, field("signature")?);
         let now = shared.now();
         shared
-            .reception
+            .card_login
             .take(&nonce, PATIENT_ORG, now)
             .map_err(|e| FhirError::unauthorized(e.message()))?;
         let store = state.engine.store.clone();

@@ -816,9 +816,11 @@ async fn bulk_resume(b: Backend) {
         return;
     };
     let ins = ins_a();
-    let lines: Vec<String> = (0..25u64)
+    let mut lines: Vec<String> = (0..25u64)
         .map(|i| synth::row(i, &ins).to_string())
         .collect();
+    // line 4 fails in the first run; the resumed run must still end as failed
+    lines[3] = "{not json".into();
     let file = write_file(s.dir.path(), "big.ndjson", &lines);
     let actor = insurer_principal(&ins);
     let opts = ImportOptions {
@@ -830,8 +832,8 @@ async fn bulk_resume(b: Backend) {
     // the import is killed after its first committed batch
     let crashed = s.blocking(|st| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            bulk::import_file(st, &Policy::new(), &actor, &opts, |_, done, _| {
-                if done >= 10 {
+            bulk::import_file(st, &Policy::new(), &actor, &opts, |_, done, failed| {
+                if done + failed >= 10 {
                     panic!("simulated crash");
                 }
             })
@@ -842,7 +844,8 @@ async fn bulk_resume(b: Backend) {
         std::fs::read_to_string(bulk::checkpoint_path(&file))
             .unwrap()
             .trim(),
-        "10"
+        "11",
+        "ten good rows and the failed one are behind the checkpoint"
     );
     let count = |s: &Server| {
         s.blocking(|st| {
@@ -857,9 +860,15 @@ async fn bulk_resume(b: Backend) {
     };
     let stats = s
         .blocking(|st| bulk::import_file(st, &Policy::new(), &actor, &opts, |_, _, _| {}).unwrap());
-    assert_eq!(stats.resumed_after, 10);
-    assert_eq!((stats.imported, stats.failed), (15, 0));
-    assert_eq!(count(&s), 25);
+    assert_eq!(stats.resumed_after, 11);
+    assert_eq!((stats.imported, stats.failed), (14, 0));
+    assert_eq!(stats.failed_before_resume, 1);
+    assert_eq!(
+        stats.failed_in_file(),
+        1,
+        "the file as a whole had a failed row"
+    );
+    assert_eq!(count(&s), 24);
     // every person once, each audited once
     let n = s.blocking(|st| {
         st.audit_query(&tsunagi_store::AuditFilter {
@@ -870,7 +879,7 @@ async fn bulk_resume(b: Backend) {
         .unwrap()
         .len()
     });
-    assert_eq!(n, 25);
+    assert_eq!(n, 24);
     // the imported members answer $eligibility
     let (i, sym, num, br, birth) = synth::keys(17, &ins);
     let r = s.eligibility(&json!({"insurerNumber": i, "symbol": sym, "number": num, "branch": br, "birthDate": birth})).await;

@@ -139,12 +139,18 @@ fn principal(kind: OrgKind, role: Role, mode: Mode) -> Principal {
 fn scope_admits(scope: &Scope, rt: &str) -> bool {
     match scope {
         Scope::Unrestricted => true,
-        Scope::AnyOf(rules) => rules.iter().any(|r| match r {
-            ScopeRule::Patient { id, types } => {
-                id == "p1" && types.as_ref().is_none_or(|t| t.iter().any(|x| x == rt))
-            }
-            _ => false,
-        }),
+        Scope::AnyOf(rules) => rules.iter().any(|r| rule_admits(r, rt)),
+    }
+}
+
+/// Whether a rule admits an unlabelled resource of type `rt` of patient p1.
+fn rule_admits(r: &ScopeRule, rt: &str) -> bool {
+    match r {
+        ScopeRule::Patient { id, types } => {
+            id == "p1" && types.as_ref().is_none_or(|t| t.iter().any(|x| x == rt))
+        }
+        ScopeRule::Labeled { rule, filter } => filter.admits(&[]) && rule_admits(rule, rt),
+        _ => false,
     }
 }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tsunagi_fhir::FhirError;
 use tsunagi_fhir::model::model;
-use tsunagi_store::{Scope, ScopeRule};
+use tsunagi_store::{LabelFilter, Scope, ScopeRule};
 
 use crate::identity::{OrgKind, Principal, Purpose, Role, role_allowed_for};
 
@@ -102,6 +102,9 @@ pub struct AccessRequest {
     /// update-as-create of an absent resource).
     pub author_org: Option<String>,
     pub purpose: Purpose,
+    /// `(system, code)` of the target's `meta.security` labels (current version),
+    /// for rules that decide by the information a resource carries.
+    pub labels: Vec<(String, String)>,
 }
 
 impl AccessRequest {
@@ -112,7 +115,16 @@ impl AccessRequest {
             patient: None,
             author_org: None,
             purpose,
+            labels: Vec::new(),
         }
+    }
+    pub fn labels(mut self, labels: Vec<(String, String)>) -> Self {
+        self.labels = labels;
+        self
+    }
+    /// Whether the target carries the label `system|code`.
+    pub fn has_label(&self, system: &str, code: &str) -> bool {
+        self.labels.iter().any(|(s, c)| s == system && c == code)
     }
     pub fn patient(mut self, id: impl Into<String>) -> Self {
         self.patient = Some(id.into());
@@ -121,6 +133,29 @@ impl AccessRequest {
     pub fn author(mut self, org: impl Into<String>) -> Self {
         self.author_org = Some(org.into());
         self
+    }
+}
+
+/// Code system of the platform's patient-visibility label (`meta.security`).
+pub const PATIENT_VISIBILITY_SYSTEM: &str =
+    "https://tsunagi.dev/fhir/CodeSystem/patient-visibility";
+/// Label code: the resource is never shown to the patient (referral letters,
+/// discharge summaries, entries not yet disclosed to the patient).
+pub const WITHHELD: &str = "withheld";
+
+/// The patient's own compartment without what is withheld from them.
+pub fn patient_own_scope(patient: &str) -> ScopeRule {
+    ScopeRule::Labeled {
+        rule: Box::new(ScopeRule::Patient {
+            id: patient.to_string(),
+            types: None,
+        }),
+        filter: LabelFilter {
+            system: PATIENT_VISIBILITY_SYSTEM.to_string(),
+            allow: None,
+            deny: vec![WITHHELD.to_string()],
+            unlabelled: true,
+        },
     }
 }
 
@@ -482,6 +517,9 @@ impl CoreRule {
                     "patients have read-only access to their records".into(),
                 ));
             }
+            if req.has_label(PATIENT_VISIBILITY_SYSTEM, WITHHELD) {
+                return Verdict::Forbid(format!("this {rt} is not disclosed to the patient"));
+            }
             return Verdict::Permit(format!("patient reads own {rt}"));
         }
         if !Self::own_org_writer(principal) {
@@ -616,13 +654,7 @@ impl AccessRule for CoreRule {
         }
         if principal.role == Role::Patient {
             return match &principal.patient {
-                Some(me) => ScopeGrant::Rules(vec![
-                    ScopeRule::Patient {
-                        id: me.clone(),
-                        types: None,
-                    },
-                    ScopeRule::NonPersonal,
-                ]),
+                Some(me) => ScopeGrant::Rules(vec![patient_own_scope(me), ScopeRule::NonPersonal]),
                 None => ScopeGrant::Forbid("patient token carries no patient id".into()),
             };
         }
@@ -949,13 +981,18 @@ mod tests {
         assert_eq!(
             policy.search_scope(&patient, "Observation", Purpose::PatientSelf),
             Ok(Scope::AnyOf(vec![
-                ScopeRule::Patient {
-                    id: "p1".into(),
-                    types: None
-                },
+                patient_own_scope("p1"),
                 ScopeRule::NonPersonal
             ]))
         );
+        // what is withheld from the patient is refused on a direct read too
+        let withheld = AccessRequest::new(Read, "DocumentReference", Purpose::PatientSelf)
+            .patient("p1")
+            .labels(vec![(PATIENT_VISIBILITY_SYSTEM.into(), WITHHELD.into())]);
+        assert!(!policy.decide(&patient, &withheld).is_permit());
+        let shown =
+            AccessRequest::new(Read, "DocumentReference", Purpose::PatientSelf).patient("p1");
+        assert!(policy.decide(&patient, &shown).is_permit());
         let clerk = principal(K::Clinic, R::Clerk);
         assert!(
             policy

@@ -99,6 +99,13 @@ fn reference(s: &StoredResource) -> String {
     format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
 }
 
+fn labels_of(s: &StoredResource) -> Vec<(String, String)> {
+    s.resource
+        .as_ref()
+        .map(tsunagi_store::security_labels)
+        .unwrap_or_default()
+}
+
 fn patient_of(s: &StoredResource) -> Option<String> {
     s.resource
         .as_ref()
@@ -140,7 +147,32 @@ impl Engine {
         author_org: Option<String>,
         resources: Vec<String>,
     ) -> FhirResult<()> {
-        let req = access_request(ctx, op, resource_type, patient.clone(), author_org);
+        self.authorize_labeled(
+            ctx,
+            op,
+            resource_type,
+            patient,
+            author_org,
+            Vec::new(),
+            resources,
+        )
+        .await
+    }
+
+    /// [`Engine::authorize`] for a target carrying `meta.security` labels.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn authorize_labeled(
+        &self,
+        ctx: &Ctx,
+        op: Operation,
+        resource_type: &str,
+        patient: Option<String>,
+        author_org: Option<String>,
+        labels: Vec<(String, String)>,
+        resources: Vec<String>,
+    ) -> FhirResult<()> {
+        let req =
+            access_request(ctx, op, resource_type, patient.clone(), author_org).labels(labels);
         match self.policy.decide(&ctx.principal, &req) {
             Decision::Permit(_) => Ok(()),
             Decision::Deny(d) => Err(self.deny(ctx, op, patient, resources, d.reason).await),
@@ -211,12 +243,13 @@ impl Engine {
             return Err(FhirError::gone(format!("{resource_type}/{id} was deleted")));
         }
         let patient = patient_of(&found);
-        self.authorize(
+        self.authorize_labeled(
             ctx,
             Operation::Read,
             resource_type,
             patient,
             found.author_org.clone(),
+            labels_of(&found),
             vec![reference(&found)],
         )
         .await?;
@@ -252,12 +285,13 @@ impl Engine {
         };
         let patient = patient_of(&v).or_else(|| patient_of(&cur));
         let author = cur.author_org.clone().or(v.author_org.clone());
-        self.authorize(
+        self.authorize_labeled(
             ctx,
             Operation::Vread,
             resource_type,
             patient,
             author,
+            labels_of(&cur),
             vec![reference(&v)],
         )
         .await?;
@@ -329,12 +363,15 @@ impl Engine {
                     return Err(FhirError::not_found(format!("{rt}/{id} does not exist")));
                 };
                 let patient = versions.iter().find_map(patient_of);
-                self.authorize(
+                // every version's labels count: a relabelled record keeps its past
+                let labels = versions.iter().flat_map(labels_of).collect();
+                self.authorize_labeled(
                     ctx,
                     Operation::History,
                     rt,
                     patient,
                     newest.author_org.clone(),
+                    labels,
                     vec![format!("{rt}/{id}")],
                 )
                 .await?;
@@ -662,14 +699,21 @@ impl WriteWork {
             return Err(FhirError::gone(format!("{rt}/{id} was deleted")));
         }
         let patient = patient_of(&found);
-        if let Err(d) = self.check(
+        let req = access_request(
+            &self.ctx,
             Operation::Read,
             rt,
             patient.clone(),
             found.author_org.clone(),
-            vec![reference(&found)],
-        ) {
-            return Ok(Err(d));
+        )
+        .labels(labels_of(&found));
+        if let Decision::Deny(d) = self.policy.decide(&self.ctx.principal, &req) {
+            return Ok(Err(Denied {
+                op: Operation::Read,
+                patient,
+                resources: vec![reference(&found)],
+                reason: d.reason,
+            }));
         }
         if patient.is_some() {
             let rec = audit_record(

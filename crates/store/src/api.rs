@@ -59,6 +59,72 @@ pub enum ScopeRule {
         org: String,
         types: Option<Vec<String>>,
     },
+    /// Rows the inner rule admits that also pass the security-label filter
+    /// (`meta.security`, indexed by the store as `_security` tokens). Lets a
+    /// rule distinguish resources of one type by the information they carry
+    /// (an infection Observation under consent category A, a lab one under B).
+    Labeled {
+        rule: Box<ScopeRule>,
+        filter: LabelFilter,
+    },
+    /// Resources of any patient carrying the security label `system|code`,
+    /// optionally only these types (e.g. a referral letter labelled with its
+    /// addressee institution).
+    Label {
+        system: String,
+        code: String,
+        types: Option<Vec<String>>,
+    },
+}
+
+/// A filter on the `meta.security` labels of one code system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelFilter {
+    pub system: String,
+    /// When set, a row carrying a label of `system` passes only with one of
+    /// these codes.
+    pub allow: Option<Vec<String>>,
+    /// Rows carrying any of these codes of `system` are excluded.
+    pub deny: Vec<String>,
+    /// Whether rows carrying no label of `system` pass.
+    pub unlabelled: bool,
+}
+
+impl LabelFilter {
+    /// Whether a resource with these `meta.security` labels passes.
+    pub fn admits(&self, labels: &[(String, String)]) -> bool {
+        let mine: Vec<&str> = labels
+            .iter()
+            .filter(|(s, _)| *s == self.system)
+            .map(|(_, c)| c.as_str())
+            .collect();
+        if mine.iter().any(|c| self.deny.iter().any(|d| d == c)) {
+            return false;
+        }
+        if mine.is_empty() {
+            return self.unlabelled;
+        }
+        match &self.allow {
+            Some(allow) => mine.iter().any(|c| allow.iter().any(|a| a == c)),
+            None => true,
+        }
+    }
+}
+
+/// `(system, code)` of every `meta.security` coding of a resource.
+pub fn security_labels(resource: &Value) -> Vec<(String, String)> {
+    resource
+        .pointer("/meta/security")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            Some((
+                c.get("system")?.as_str()?.to_string(),
+                c.get("code")?.as_str()?.to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// `_history` request.
@@ -217,6 +283,17 @@ pub trait Transaction {
         if_match: Option<i64>,
         ctx: &WriteContext,
     ) -> FhirResult<Option<StoredResource>>;
+
+    /// Physically removes a resource: every version and its index rows (the
+    /// retention rules' deletion; a logical delete keeps the versions). Returns
+    /// the number of versions removed, None when the resource never existed.
+    /// The caller appends the audit record in the same transaction.
+    fn purge(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<i64>> {
+        let _ = (resource_type, id);
+        Err(tsunagi_fhir::FhirError::internal(
+            "this backend does not support physical deletion",
+        ))
+    }
 
     /// Current version as seen inside this transaction.
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;

@@ -94,6 +94,8 @@ macro_rules! conformance_tests {
             client_keys_roundtrip,
             concurrent_writers,
             schema_and_size,
+            security_label_scopes,
+            purge_removes_everything,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1825,4 +1827,252 @@ pub fn schema_and_size(h: &dyn Harness) {
     seed_patients(s);
     assert!(s.size_bytes().unwrap() > 0);
     assert!(s.backend() == "sqlite" || s.backend() == "postgres");
+}
+
+const CAT: &str = "https://tsunagi.dev/fhir/CodeSystem/consent-category";
+const VIS: &str = "https://tsunagi.dev/fhir/CodeSystem/patient-visibility";
+
+fn labelled(mut r: Value, labels: &[(&str, &str)]) -> Value {
+    r["meta"] = json!({"security": labels.iter().map(|(s, c)| json!({"system": s, "code": c})).collect::<Vec<_>>()});
+    r
+}
+
+/// Security labels narrow rules by the information a resource carries, inside
+/// the SQL: searches, totals and the compartment agree.
+pub fn security_label_scopes(h: &dyn Harness) {
+    let s = h.store();
+    seed(
+        s,
+        "H1",
+        vec![
+            ("Patient", "p1", patient("p1", "Yamada", None, "male")),
+            (
+                "Observation",
+                "inf",
+                labelled(
+                    observation("p1", "HBs", "2026-01-01", 1.0, "1"),
+                    &[(CAT, "A")],
+                ),
+            ),
+            (
+                "Observation",
+                "lab",
+                labelled(
+                    observation("p1", "ALB", "2026-01-01", 3.9, "g/dL"),
+                    &[(CAT, "B")],
+                ),
+            ),
+            (
+                "Observation",
+                "hid",
+                labelled(
+                    observation("p1", "ALB", "2026-01-02", 4.0, "g/dL"),
+                    &[(CAT, "B"), (VIS, "withheld")],
+                ),
+            ),
+            (
+                "Observation",
+                "plain",
+                observation("p1", "X", "2026-01-01", 1.0, "1"),
+            ),
+            (
+                "DocumentReference",
+                "ref",
+                labelled(
+                    json!({"resourceType": "DocumentReference", "status": "current", "subject": {"reference": "Patient/p1"}, "content": [{"attachment": {"title": "t"}}]}),
+                    &[(CAT, "none"), (VIS, "withheld"), ("urn:addressee", "H2")],
+                ),
+            ),
+        ],
+    );
+    let obs = SearchQuery::new("Observation");
+    let lab = |allow: Option<&[&str]>, deny: &[&str], system: &str| ScopeRule::Labeled {
+        rule: Box::new(ScopeRule::Patient {
+            id: "p1".into(),
+            types: None,
+        }),
+        filter: LabelFilter {
+            system: system.into(),
+            allow: allow.map(|a| a.iter().map(|x| x.to_string()).collect()),
+            deny: deny.iter().map(|x| x.to_string()).collect(),
+            unlabelled: true,
+        },
+    };
+    let run = |q: &SearchQuery, r: ScopeRule| s.search(q, &Scope::AnyOf(vec![r])).unwrap();
+    let r = run(&obs, lab(Some(&["A"]), &[], CAT));
+    assert_eq!(
+        (sorted_ids(&r), r.total),
+        (v(&["inf", "plain"]), 2),
+        "category A: infection + unlabelled"
+    );
+    let r = run(&obs, lab(Some(&["B"]), &[], CAT));
+    assert_eq!((sorted_ids(&r), r.total), (v(&["hid", "lab", "plain"]), 3));
+    let r = run(&obs, lab(Some(&[]), &[], CAT));
+    assert_eq!(
+        sorted_ids(&r),
+        v(&["plain"]),
+        "an empty allow list admits unlabelled rows only"
+    );
+    let r = run(&obs, lab(None, &["withheld"], VIS));
+    assert_eq!((sorted_ids(&r), r.total), (v(&["inf", "lab", "plain"]), 3));
+    // the compartment ($everything) obeys the same filter
+    let c = s
+        .patient_compartment(
+            "p1",
+            &Scope::AnyOf(vec![lab(None, &["withheld"], VIS)]),
+            20,
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        (sorted_ids(&c), c.total),
+        (v(&["inf", "lab", "p1", "plain"]), 4)
+    );
+    // nested filters: category A and B but never withheld
+    let both = ScopeRule::Labeled {
+        rule: Box::new(lab(Some(&["A", "B"]), &[], CAT)),
+        filter: LabelFilter {
+            system: VIS.into(),
+            allow: None,
+            deny: vec!["withheld".into()],
+            unlabelled: true,
+        },
+    };
+    assert_eq!(sorted_ids(&run(&obs, both)), v(&["inf", "lab", "plain"]));
+    // labelled rows only
+    let only = ScopeRule::Labeled {
+        rule: Box::new(ScopeRule::Patient {
+            id: "p1".into(),
+            types: None,
+        }),
+        filter: LabelFilter {
+            system: CAT.into(),
+            allow: Some(vec!["B".into()]),
+            deny: vec![],
+            unlabelled: false,
+        },
+    };
+    let r = run(&obs, only);
+    assert_eq!((sorted_ids(&r), r.total), (v(&["hid", "lab"]), 2));
+    // a label alone admits across patients, limited to its types
+    let addressee = |code: &str, types: Option<Vec<String>>| ScopeRule::Label {
+        system: "urn:addressee".into(),
+        code: code.into(),
+        types,
+    };
+    let docs = SearchQuery::new("DocumentReference");
+    assert_eq!(ids(&run(&docs, addressee("H2", None))), v(&["ref"]));
+    assert_eq!(run(&docs, addressee("H3", None)).total, 0);
+    assert_eq!(
+        run(
+            &obs,
+            addressee("H2", Some(vec!["DocumentReference".into()]))
+        )
+        .total,
+        0
+    );
+    // relabelling moves a resource between scopes
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Observation",
+        "lab",
+        labelled(
+            observation("p1", "ALB", "2026-01-01", 3.9, "g/dL"),
+            &[(CAT, "A")],
+        ),
+        None,
+        &ctx("H1"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        sorted_ids(&run(&obs, lab(Some(&["A"]), &[], CAT))),
+        v(&["inf", "lab", "plain"])
+    );
+    let f = LabelFilter {
+        system: CAT.into(),
+        allow: Some(vec!["A".into()]),
+        deny: vec![],
+        unlabelled: false,
+    };
+    assert!(f.admits(&[(CAT.into(), "A".into())]));
+    assert!(!f.admits(&[(CAT.into(), "B".into())]));
+    assert!(!f.admits(&[]));
+}
+
+/// Purge removes every version and index row, inside the transaction (rollback
+/// keeps it), and frees the id.
+pub fn purge_removes_everything(h: &dyn Harness) {
+    let s = h.store();
+    seed_clinical(s);
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Observation",
+        "o1",
+        observation("p1", "1234-5", "2026-02-01", 2.0, "mg"),
+        None,
+        &ctx("A"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    // rolled back purge: still there
+    {
+        let mut tx = s.begin().unwrap();
+        assert_eq!(tx.purge("Observation", "o1").unwrap(), Some(2));
+    }
+    assert!(s.read("Observation", "o1").unwrap().is_some());
+    let mut tx = s.begin().unwrap();
+    assert_eq!(tx.purge("Observation", "o1").unwrap(), Some(2));
+    assert_eq!(tx.purge("Observation", "o1").unwrap(), None);
+    assert_eq!(tx.purge("Observation", "never").unwrap(), None);
+    tx.audit_append(&[json!({"action": "purge", "resources": ["Observation/o1"]})])
+        .unwrap();
+    tx.commit().unwrap();
+    assert!(s.read("Observation", "o1").unwrap().is_none());
+    assert!(s.vread("Observation", "o1", 1).unwrap().is_none());
+    let hist = s
+        .history(&HistoryQuery {
+            resource_type: Some("Observation".into()),
+            id: Some("o1".into()),
+            count: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(hist.is_empty());
+    let r = s
+        .search(&SearchQuery::new("Observation"), &Scope::Unrestricted)
+        .unwrap();
+    assert!(!ids(&r).contains(&"o1".to_string()));
+    assert_eq!(
+        s.patient_compartment("p1", &Scope::Unrestricted, 10, 0)
+            .unwrap()
+            .total,
+        2
+    );
+    // no index row survives: a token search on its code finds nothing
+    assert!(
+        find(
+            s,
+            "Observation",
+            "code",
+            token(vec![tok(Some(Some(LOINC)), Some("1234-5"))])
+        )
+        .is_empty()
+    );
+    // the id can be used again from version 1
+    let mut tx = s.begin().unwrap();
+    let again = tx
+        .create(
+            "Observation",
+            "o1",
+            observation("p1", "X", "2026-03-01", 1.0, "1"),
+            &ctx("A"),
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(again.version, 1);
+    assert!(
+        audit::verify_chain(audit::scan_all(s)).ok(),
+        "purging keeps the audit chain intact"
+    );
 }

@@ -72,6 +72,8 @@ pub(crate) trait TxOps: Ops {
         ctx: &WriteContext,
         body: Option<&str>,
     ) -> FhirResult<()>;
+    /// Removes the version rows and the current row of a resource.
+    fn remove_resource(&mut self, rid: i64) -> FhirResult<()>;
     /// Removes every index entry of the resource.
     fn clear_index(&mut self, rid: i64) -> FhirResult<()>;
     fn insert_index(&mut self, rid: i64, rt: &str, entries: &[IndexEntry]) -> FhirResult<()>;
@@ -189,10 +191,20 @@ fn write_version<T: TxOps + ?Sized>(
         None => None,
     };
     let (entries, patient) = match &body {
-        Some(b) => (
-            tsunagi_fhir::index::extract(rt, b),
-            tsunagi_fhir::index::compartment_patient(rt, b),
-        ),
+        Some(b) => {
+            let mut entries = tsunagi_fhir::index::extract(rt, b);
+            // security labels drive scope rules (ScopeRule::Labeled / Label)
+            for (system, code) in crate::api::security_labels(b) {
+                entries.push(IndexEntry {
+                    param: sql::SECURITY_PARAM.to_string(),
+                    value: tsunagi_fhir::search::IndexValue::Token {
+                        system: Some(system),
+                        code,
+                    },
+                });
+            }
+            (entries, tsunagi_fhir::index::compartment_patient(rt, b))
+        }
         None => (Vec::new(), None),
     };
     let row = CurrentRow {
@@ -320,6 +332,16 @@ pub(crate) fn delete<T: TxOps + ?Sized>(
     }
     // the row exists (and is locked), so the write cannot lose a creation race
     Ok(write_version(t, rt, id, Some(&cur), None, ctx)?.ok())
+}
+
+/// Physically removes a resource (all versions and index rows).
+pub(crate) fn purge<T: TxOps + ?Sized>(t: &mut T, rt: &str, id: &str) -> FhirResult<Option<i64>> {
+    let Some(cur) = t.current(rt, id)? else {
+        return Ok(None);
+    };
+    t.clear_index(cur.rid)?;
+    t.remove_resource(cur.rid)?;
+    Ok(Some(cur.version))
 }
 
 /// Runs a search: page, total (counted only when the page does not tell it), includes.

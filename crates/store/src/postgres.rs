@@ -433,6 +433,14 @@ impl TxOps for PgOps<'_> {
         Ok(())
     }
 
+    fn remove_resource(&mut self, rid: i64) -> FhirResult<()> {
+        self.execute(
+            "WITH v AS (DELETE FROM resource_version WHERE rid = $1) DELETE FROM resource_current WHERE rid = $1",
+            &[&rid],
+        )?;
+        Ok(())
+    }
+
     fn clear_index(&mut self, rid: i64) -> FhirResult<()> {
         self.execute(CLEAR_INDEX, &[&rid])?;
         Ok(())
@@ -601,6 +609,10 @@ impl Transaction for PgTransaction<'_> {
         ctx: &WriteContext,
     ) -> FhirResult<Option<StoredResource>> {
         engine::delete(&mut self.ops(), resource_type, id, if_match, ctx)
+    }
+
+    fn purge(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<i64>> {
+        engine::purge(&mut self.ops(), resource_type, id)
     }
 
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {

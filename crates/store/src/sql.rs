@@ -215,8 +215,99 @@ impl Statements {
 fn correlated(scope: &Scope) -> bool {
     match scope {
         Scope::Unrestricted => false,
-        Scope::AnyOf(rules) => {
-            !rules.is_empty() && rules.iter().all(|r| matches!(r, ScopeRule::Patient { .. }))
+        Scope::AnyOf(rules) => !rules.is_empty() && rules.iter().all(patient_rule),
+    }
+}
+
+fn patient_rule(r: &ScopeRule) -> bool {
+    match r {
+        ScopeRule::Patient { .. } => true,
+        ScopeRule::Labeled { rule, .. } => patient_rule(rule),
+        _ => false,
+    }
+}
+
+/// Param name under which the store indexes `meta.security` (token index).
+pub const SECURITY_PARAM: &str = "_security";
+
+/// `EXISTS` over the resource's security labels of `system` (codes in `codes`
+/// when given).
+fn label_exists(b: &mut B, system: &str, codes: Option<&[String]>) {
+    b.s("EXISTS (SELECT 1 FROM idx_token l WHERE l.rid = r.rid AND l.param = ")
+        .text(SECURITY_PARAM)
+        .s(" AND l.system = ")
+        .text(system);
+    if let Some(codes) = codes {
+        in_list(b, "l.code", codes);
+    }
+    b.s(")");
+}
+
+fn rule_sql(b: &mut B, rule: &ScopeRule, noindex: bool) {
+    let col = |b: &B, c: &'static str| -> &'static str { if noindex { b.d.noindex(c) } else { c } };
+    match rule {
+        ScopeRule::NonPersonal => {
+            let c = col(b, "r.patient_id");
+            b.s(c).s(" IS NULL");
+        }
+        ScopeRule::Patient { id, types } => {
+            let c = col(b, "r.patient_id");
+            b.s("(").s(c).s(" = ").text(id);
+            if let Some(types) = types {
+                let c = col(b, "r.rt");
+                in_list(b, c, types);
+            }
+            b.s(")");
+        }
+        ScopeRule::AuthoredBy { org, types } => {
+            let c = col(b, "r.author_org");
+            b.s("(").s(c).s(" = ").text(org);
+            if let Some(types) = types {
+                let c = col(b, "r.rt");
+                in_list(b, c, types);
+            }
+            b.s(")");
+        }
+        ScopeRule::Labeled { rule, filter } => {
+            b.s("(");
+            rule_sql(b, rule, noindex);
+            if !filter.deny.is_empty() {
+                b.s(" AND NOT ");
+                label_exists(b, &filter.system, Some(&filter.deny));
+            }
+            match (&filter.allow, filter.unlabelled) {
+                (None, true) => {}
+                (None, false) => {
+                    b.s(" AND ");
+                    label_exists(b, &filter.system, None);
+                }
+                (Some(allow), true) => {
+                    b.s(" AND (NOT ");
+                    label_exists(b, &filter.system, None);
+                    b.s(" OR ");
+                    label_exists(b, &filter.system, Some(allow));
+                    b.s(")");
+                }
+                (Some(allow), false) => {
+                    b.s(" AND ");
+                    label_exists(b, &filter.system, Some(allow));
+                }
+            }
+            b.s(")");
+        }
+        ScopeRule::Label {
+            system,
+            code,
+            types,
+        } => {
+            b.s("(r.patient_id IS NOT NULL");
+            if let Some(types) = types {
+                let c = col(b, "r.rt");
+                in_list(b, c, types);
+            }
+            b.s(" AND ");
+            label_exists(b, system, Some(std::slice::from_ref(code)));
+            b.s(")");
         }
     }
 }
@@ -226,7 +317,6 @@ fn correlated(scope: &Scope) -> bool {
 /// With `noindex`, SQLite is kept from driving the query from the scope's
 /// indexes (another index — a clause or the rowid list — is far more selective).
 fn scope_sql(b: &mut B, scope: &Scope, noindex: bool) {
-    let col = |b: &B, c: &'static str| -> &'static str { if noindex { b.d.noindex(c) } else { c } };
     match scope {
         Scope::Unrestricted => {
             b.s("1 = 1");
@@ -240,30 +330,7 @@ fn scope_sql(b: &mut B, scope: &Scope, noindex: bool) {
                 if i > 0 {
                     b.s(" OR ");
                 }
-                match rule {
-                    ScopeRule::NonPersonal => {
-                        let c = col(b, "r.patient_id");
-                        b.s(c).s(" IS NULL");
-                    }
-                    ScopeRule::Patient { id, types } => {
-                        let c = col(b, "r.patient_id");
-                        b.s("(").s(c).s(" = ").text(id);
-                        if let Some(types) = types {
-                            let c = col(b, "r.rt");
-                            in_list(b, c, types);
-                        }
-                        b.s(")");
-                    }
-                    ScopeRule::AuthoredBy { org, types } => {
-                        let c = col(b, "r.author_org");
-                        b.s("(").s(c).s(" = ").text(org);
-                        if let Some(types) = types {
-                            let c = col(b, "r.rt");
-                            in_list(b, c, types);
-                        }
-                        b.s(")");
-                    }
-                }
+                rule_sql(b, rule, noindex);
             }
             b.s(")");
         }

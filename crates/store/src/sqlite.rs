@@ -396,6 +396,20 @@ impl TxOps for SqliteOps<'_> {
         Ok(())
     }
 
+    fn remove_resource(&mut self, rid: i64) -> FhirResult<()> {
+        for sql in [
+            "DELETE FROM resource_version WHERE rid = ?1",
+            "DELETE FROM resource_current WHERE rid = ?1",
+        ] {
+            self.conn
+                .prepare_cached(sql)
+                .map_err(db_err)?
+                .execute([rid])
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
     fn clear_index(&mut self, rid: i64) -> FhirResult<()> {
         for sql in CLEAR_INDEX {
             self.conn
@@ -555,6 +569,10 @@ impl Transaction for SqliteTransaction<'_> {
         ctx: &WriteContext,
     ) -> FhirResult<Option<StoredResource>> {
         engine::delete(&mut self.ops(), resource_type, id, if_match, ctx)
+    }
+
+    fn purge(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<i64>> {
+        engine::purge(&mut self.ops(), resource_type, id)
     }
 
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {

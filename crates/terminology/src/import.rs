@@ -5,7 +5,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::csv::{decode, split};
-use crate::{Allergen, Disease, Drug, LabCode, MasterKind, Modifier, store_dir};
+use crate::{
+    Allergen, Disease, Drug, Interaction, LabCode, MasterKind, Modifier, interaction_ingredient,
+    store_dir,
+};
 
 /// A row that could not be imported.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +63,19 @@ pub fn import_with_progress(
             modifier_row,
         ))?,
         MasterKind::Jfagy => serde_json::to_value(parse_jfagy(&text, &mut errors, progress)?)?,
+        MasterKind::Interactions => {
+            let header = text
+                .lines()
+                .next()
+                .is_some_and(|l| l.trim_start_matches('"').starts_with("code_a"));
+            serde_json::to_value(parse_rows(
+                &text,
+                &mut errors,
+                progress,
+                header,
+                interaction_row,
+            ))?
+        }
         MasterKind::Jlac10 => {
             if text.trim_start().starts_with('{') {
                 serde_json::to_value(parse_jlac10_codesystem(&text)?)?
@@ -119,7 +135,7 @@ fn parse_rows<T>(
         if i % 1000 == 0 {
             progress(i, total);
         }
-        if (header && i == 0) || l.trim().is_empty() {
+        if (header && i == 0) || l.trim().is_empty() || l.starts_with('#') {
             continue;
         }
         match split(l).and_then(|f| row(&f)) {
@@ -175,6 +191,26 @@ fn drug_row(f: &[String]) -> Result<Drug, String> {
         general_name: f[37].clone(),
         generic: f[16] == "1",
         dosage_form: f[27].clone(),
+    })
+}
+
+fn interaction_row(f: &[String]) -> Result<Interaction, String> {
+    cols(f, &[3])?;
+    for (i, c) in f[..2].iter().enumerate() {
+        if interaction_ingredient(c.trim()).is_none() {
+            return Err(format!(
+                "column {} must be a YJ code, 一般名コード or 7-digit ingredient, found '{c}'",
+                i + 1
+            ));
+        }
+    }
+    if f[2].trim().is_empty() {
+        return Err("column 3 (reason) must not be empty".into());
+    }
+    Ok(Interaction {
+        code_a: f[0].trim().to_string(),
+        code_b: f[1].trim().to_string(),
+        reason: f[2].trim().to_string(),
     })
 }
 

@@ -74,6 +74,9 @@ pub enum MasterKind {
     Modifier,
     Jlac10,
     Jfagy,
+    /// 併用禁忌 table: pairs of YJ codes (matched on the ingredient part) with a reason;
+    /// operator-maintained CSV, see [`Interaction`].
+    Interactions,
 }
 
 impl MasterKind {
@@ -84,6 +87,7 @@ impl MasterKind {
             MasterKind::Modifier => "modifier.json",
             MasterKind::Jlac10 => "jlac10.json",
             MasterKind::Jfagy => "jfagy.json",
+            MasterKind::Interactions => "interactions.json",
         }
     }
 }
@@ -206,6 +210,40 @@ impl ValidateCodeResult {
     }
 }
 
+/// One contraindicated combination (併用禁忌) of the interactions table.
+///
+/// File format (`tsunagi masters import --kind interactions FILE`): CSV, UTF-8 or
+/// Shift_JIS, one pair per line `code_a,code_b,reason`; an optional header line
+/// starting with `code_a`; lines starting with `#` are comments. A code is a
+/// 12-character YJ code, a 一般名コード (`...ZZZ`) or a 7-digit ingredient
+/// (薬効分類 + 成分); pairs are unordered and matched on the ingredient part, so
+/// every brand and generic form of the two ingredients is covered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Interaction {
+    pub code_a: String,
+    pub code_b: String,
+    pub reason: String,
+}
+
+/// The ingredient part of a code of the interactions table (YJ, 一般名コード or
+/// the 7 digits themselves).
+pub fn interaction_ingredient(code: &str) -> Option<&str> {
+    if code.len() == 7 && code.bytes().all(|b| b.is_ascii_digit()) {
+        Some(code)
+    } else {
+        yj::ingredient(code)
+    }
+}
+
+fn interaction_key(a: &str, b: &str) -> Option<(String, String)> {
+    let (a, b) = (interaction_ingredient(a)?, interaction_ingredient(b)?);
+    Some(if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    })
+}
+
 /// The masters, in memory.
 #[derive(Default, Debug)]
 pub struct Terminology {
@@ -220,6 +258,8 @@ pub struct Terminology {
     modifiers_by_key: HashMap<String, String>,
     lab: HashMap<String, LabCode>,
     allergens: HashMap<String, Allergen>,
+    /// Contraindicated pairs keyed by (smaller, larger) ingredient (7 digits).
+    interactions: HashMap<(String, String), Interaction>,
     loaded: Vec<MasterKind>,
 }
 
@@ -240,6 +280,7 @@ impl Terminology {
             MasterKind::Modifier,
             MasterKind::Jlac10,
             MasterKind::Jfagy,
+            MasterKind::Interactions,
         ] {
             let p = dir.join(kind.file_name());
             if !p.is_file() {
@@ -253,6 +294,7 @@ impl Terminology {
                 MasterKind::Modifier => t.set_modifiers(serde_json::from_slice(&bytes)?),
                 MasterKind::Jlac10 => t.set_lab(serde_json::from_slice(&bytes)?),
                 MasterKind::Jfagy => t.set_allergens(serde_json::from_slice(&bytes)?),
+                MasterKind::Interactions => t.set_interactions(serde_json::from_slice(&bytes)?),
             }
         }
         Ok(t)
@@ -328,6 +370,15 @@ impl Terminology {
     pub fn set_lab(&mut self, rows: Vec<LabCode>) {
         self.lab = rows.into_iter().map(|r| (r.code.clone(), r)).collect();
         self.mark(MasterKind::Jlac10);
+    }
+    pub fn set_interactions(&mut self, rows: Vec<Interaction>) {
+        self.interactions.clear();
+        for r in rows {
+            if let Some(k) = interaction_key(&r.code_a, &r.code_b) {
+                self.interactions.insert(k, r);
+            }
+        }
+        self.mark(MasterKind::Interactions);
     }
     pub fn set_allergens(&mut self, rows: Vec<Allergen>) {
         self.allergens = rows.into_iter().map(|r| (r.code.clone(), r)).collect();
@@ -413,6 +464,17 @@ impl Terminology {
             .unwrap_or_default();
         v.sort_by(|a, b| a.receipt_code.cmp(&b.receipt_code));
         v
+    }
+
+    /// The 併用禁忌 entry for two drug codes (YJ, 一般名コード or 7-digit ingredient),
+    /// in either order, matched on the ingredient part.
+    pub fn interaction(&self, a: &str, b: &str) -> Option<&Interaction> {
+        self.interactions.get(&interaction_key(a, b)?)
+    }
+
+    /// Number of contraindicated pairs loaded.
+    pub fn interaction_count(&self) -> usize {
+        self.interactions.len()
     }
 
     // ------------------------------------------------------------ FHIR operations
@@ -547,6 +609,8 @@ impl Terminology {
                 }
                 Some(r(&a.term, vec![("english", &a.english), ("kana", &a.kana)]))
             }
+            // no code system: the table is consulted by the e-prescription checks
+            MasterKind::Interactions => None,
         }
     }
 
@@ -600,6 +664,7 @@ impl Terminology {
                 MasterKind::Modifier => "modifier master",
                 MasterKind::Jlac10 => "JP-CLINS JLAC10 lab item set",
                 MasterKind::Jfagy => "J-FAGY allergen code table",
+                MasterKind::Interactions => "interactions table (併用禁忌)",
             }
             .to_string(),
         )

@@ -260,3 +260,39 @@ fn masters_cli_import_exit_codes() {
     .unwrap();
     assert_eq!(found, 0);
 }
+
+/// `masters import --kind interactions`: the documented CSV (header, comments,
+/// YJ / 一般名コード / 7-digit ingredient codes, Shift_JIS accepted), matched on the
+/// ingredient part in either order; bad lines reported by number and skipped.
+#[test]
+fn interactions_table() {
+    let d = tmp("interactions");
+    let csv = "code_a,code_b,reason\n\
+               # warfarin\n\
+               3332001,2171022F1022,作用増強\n\
+               2325003F1ZZZ,\"6132013F1020\",\"理由, 引用符つき\"\n\
+               3332001,notacode,bad\n\
+               1149019F1560,2144001F1027\n";
+    let (sjis, _, _) = encoding_rs::SHIFT_JIS.encode(csv);
+    let f = d.join("interactions.csv");
+    std::fs::write(&f, &sjis).unwrap();
+    let r = import(&f, MasterKind::Interactions, &d).unwrap();
+    assert_eq!(r.imported, 2);
+    assert_eq!(r.encoding, "Shift_JIS");
+    let lines: Vec<usize> = r.errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [5, 6], "{:?}", r.errors);
+    assert!(r.errors[0].message.contains("column 2"), "{:?}", r.errors);
+    let t = Terminology::open(&d).unwrap();
+    assert!(t.loaded().contains(&MasterKind::Interactions));
+    assert_eq!(t.interaction_count(), 2);
+    // any brand/generic form of the ingredients, either order
+    let x = t.interaction("2171022F1030", "3332001F1028").expect("pair");
+    assert_eq!(x.reason, "作用増強");
+    assert_eq!(
+        t.interaction("6132013F1ZZZ", "2325003B2029")
+            .unwrap()
+            .reason,
+        "理由, 引用符つき"
+    );
+    assert!(t.interaction("3332001F1028", "2325003B2029").is_none());
+}
