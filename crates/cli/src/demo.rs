@@ -483,6 +483,8 @@ pub fn ensure(store: &dyn Store, dir: &Path) -> anyhow::Result<String> {
     let ids: Vec<String> = (1..=PATIENTS.len()).map(|n| format!("pt-{n:02}")).collect();
     tsunagi_eligibility::cards::issue_demo_cards(store, dir, &ids)
         .map_err(|e| anyhow::anyhow!("demo cards: {e}"))?;
+    tsunagi_research_primary::optout::seed_demo(store)
+        .map_err(|e| anyhow::anyhow!("demo opt-out: {e}"))?;
     let listing = json!({
         "organisations": orgs.iter().map(|o| json!({"id": o.id, "code": o.code, "kind": o.kind.as_str(), "name": o.name, "flags": o.flags})).collect::<Vec<_>>(),
         "patients": listing_patients,

@@ -57,6 +57,8 @@ enum Command {
     Card(tsunagi_eligibility::cli::CardArgs),
     /// Insurers' coverage files (資格情報): bulk import with per-row error report.
     Coverage(tsunagi_eligibility::cli::CoverageArgs),
+    /// Secondary use, primary side: one-way extraction into pseudonymised Parquet, linkage tables.
+    Research(tsunagi_research_primary::cli::ResearchArgs),
 }
 
 fn init_logging(format: &str) {
@@ -97,6 +99,7 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Masters(a) => exit_code(tsunagi_terminology::cli::run_masters(a)?),
         Command::Card(a) => exit_code(tsunagi_eligibility::cli::run_card(a)?),
         Command::Coverage(a) => exit_code(tsunagi_eligibility::cli::run_coverage(a)?),
+        Command::Research(a) => exit_code(tsunagi_research_primary::cli::run(a)?),
     }
 }
 
@@ -137,6 +140,7 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
         let state = tsunagi_server::Builder::new(config.clone(), store)
             .validator(Arc::new(validator))
             .service(Arc::new(eligibility))
+            .service(Arc::new(tsunagi_research_primary::OptOutService))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
