@@ -7,10 +7,10 @@ mod support;
 use reqwest::Method;
 use serde_json::Value;
 use support::{Backend, Primary, all_cells};
-use tsunagi_testkit::both_backends;
 use tsunagi_research_primary::LinkageKey;
 use tsunagi_research_primary::extract::{self, ExtractConfig};
 use tsunagi_store::AuditFilter;
+use tsunagi_testkit::both_backends;
 
 both_backends!(
     opt_out_is_self_service_and_audited,
@@ -225,7 +225,11 @@ async fn extraction_honours_opt_out_snapshots(b: Backend) {
         .filter(|r| r["action"] == "research-extraction")
         .collect();
     assert_eq!(ex.len(), 2);
-    assert!(ex.iter().any(|r| r["reason"].as_str().unwrap().contains(snap_id)), "{ex:?}");
+    assert!(
+        ex.iter()
+            .any(|r| r["reason"].as_str().unwrap().contains(snap_id)),
+        "{ex:?}"
+    );
 }
 
 async fn no_identifier_in_any_extract(b: Backend) {

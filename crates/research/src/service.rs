@@ -362,7 +362,10 @@ where
 
 /// The first issue's text of an error (for audit records).
 fn msg(e: &FhirError) -> String {
-    e.issues.first().map(|i| i.message.clone()).unwrap_or_default()
+    e.issues
+        .first()
+        .map(|i| i.message.clone())
+        .unwrap_or_default()
 }
 
 fn need(who: &Account, roles: &[Role]) -> Res<()> {

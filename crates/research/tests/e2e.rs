@@ -12,11 +12,11 @@ use std::sync::Arc;
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::{Backend, Primary};
-use tsunagi_testkit::both_backends;
 use tsunagi_research::Research;
 use tsunagi_research::accounts::Role;
 use tsunagi_research_primary::LinkageKey;
 use tsunagi_research_primary::extract::{self, ExtractConfig};
+use tsunagi_testkit::both_backends;
 
 both_backends!(research_end_to_end);
 

@@ -65,7 +65,7 @@ impl Primary {
         let insurance = format!("1234{n:04}");
         let card = format!("9{n:011}");
         let address = format!("東京都千代田区霞が関1-2-{n}");
-        let female = n % 3 != 0;
+        let female = !n.is_multiple_of(3);
         self.put(
             "Patient",
             &id,
@@ -92,7 +92,7 @@ impl Primary {
             "resourceType": "Condition",
             "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
             "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
-            "code": {"coding": [{"system": "http://jpfhir.jp/fhir/core/CodeSystem/JP_ICD10", "code": if n % 2 == 0 { "E11" } else { "I10" }, "display": if n % 2 == 0 { "2型糖尿病" } else { "本態性高血圧症" }}]},
+            "code": {"coding": [{"system": "http://jpfhir.jp/fhir/core/CodeSystem/JP_ICD10", "code": if n.is_multiple_of(2) { "E11" } else { "I10" }, "display": if n.is_multiple_of(2) { "2型糖尿病" } else { "本態性高血圧症" }}]},
             "subject": subject, "recordedDate": format!("2026-0{}-1{}", 1 + n % 9, n % 10),
             "note": [{"text": format!("{family}さん 電話 {phone}")}]
         }), HOSPITAL);
