@@ -487,6 +487,8 @@ pub fn ensure(store: &dyn Store, dir: &Path) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("sharing demo: {e}"))?;
     tsunagi_eprescription::demo::seed(store, tsunagi_eligibility::coverage::today_jst())
         .map_err(|e| anyhow::anyhow!("e-prescription demo: {e}"))?;
+    tsunagi_research_primary::optout::seed_demo(store)
+        .map_err(|e| anyhow::anyhow!("demo opt-out: {e}"))?;
     let listing = json!({
         "organisations": orgs.iter().map(|o| json!({"id": o.id, "code": o.code, "kind": o.kind.as_str(), "name": o.name, "flags": o.flags})).collect::<Vec<_>>(),
         "patients": listing_patients,

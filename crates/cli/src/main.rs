@@ -61,6 +61,8 @@ enum Command {
     Retention(tsunagi_sharing::cli::RetentionArgs),
     /// Public Medical Hub: programme catalogue, municipalities' recipient files, generator.
     Pmh(tsunagi_pmh::cli::PmhArgs),
+    /// Secondary use, primary side: one-way extraction into pseudonymised Parquet, linkage tables.
+    Research(tsunagi_research_primary::cli::ResearchArgs),
 }
 
 fn init_logging(format: &str) {
@@ -103,6 +105,7 @@ fn run(command: Command) -> anyhow::Result<u8> {
         Command::Coverage(a) => exit_code(tsunagi_eligibility::cli::run_coverage(a)?),
         Command::Retention(a) => exit_code(tsunagi_sharing::cli::run_retention(a)?),
         Command::Pmh(a) => exit_code(tsunagi_pmh::cli::run_pmh(a)?),
+        Command::Research(a) => exit_code(tsunagi_research_primary::cli::run(a)?),
     }
 }
 
@@ -158,6 +161,7 @@ fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<u8> {
             .service(Arc::new(sharing))
             .service(Arc::new(erx))
             .service(Arc::new(pmh))
+            .service(Arc::new(tsunagi_research_primary::OptOutService))
             .build()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
