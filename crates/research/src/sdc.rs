@@ -101,7 +101,7 @@ pub fn protect(
             }
         }
     }
-    let mut primary: BTreeSet<Key> = counts
+    let primary: BTreeSet<Key> = counts
         .iter()
         .filter(|(_, n)| **n < threshold)
         .map(|(k, _)| k.clone())
