@@ -121,8 +121,7 @@ fn check_k(batches: &[RecordBatch], k: usize) -> Result<(), FhirError> {
     };
     for b in batches {
         let col = |n: &str| -> Vec<Val> {
-            let a = b.column(b.schema().index_of(n).unwrap_or(0)).clone();
-            let s = a.as_any().downcast_ref::<StringArray>().cloned();
+            let s = utf8(b.column(b.schema().index_of(n).unwrap_or(0)));
             (0..b.num_rows())
                 .map(|i| match &s {
                     Some(s) if !s.is_null(i) => Val::Text(s.value(i).to_string()),
@@ -144,10 +143,20 @@ fn check_k(batches: &[RecordBatch], k: usize) -> Result<(), FhirError> {
     Ok(())
 }
 
+/// A string column as plain UTF-8, whatever string layout the engine wrote
+/// (DataFusion materialises `Utf8View`); None for a non-string column.
+fn utf8(a: &ArrayRef) -> Option<StringArray> {
+    arrow::compute::cast(a, &DataType::Utf8)
+        .ok()?
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .cloned()
+}
+
 fn anonymise_batch(b: &RecordBatch, table: &str, secret: &str) -> Result<RecordBatch, FhirError> {
     let schema = b.schema();
     let pid: Option<Vec<Option<String>>> = schema.index_of("pid").ok().map(|i| {
-        let a = b.column(i).as_any().downcast_ref::<StringArray>().cloned();
+        let a = utf8(b.column(i));
         (0..b.num_rows())
             .map(|r| {
                 a.as_ref()
