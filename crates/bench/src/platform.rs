@@ -71,11 +71,7 @@ pub struct PlatformArgs {
 fn summarize(mut lat_us: Vec<u64>, errors: u64, seconds: f64) -> Value {
     lat_us.sort_unstable();
     let q = |p: f64| -> f64 {
-        if lat_us.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat_us.len() as f64 * p).ceil() as usize).clamp(1, lat_us.len()) - 1;
-        lat_us[i] as f64 / 1000.0
+        tsunagi_server::latency::nearest_rank(&lat_us, p).map_or(0.0, |us| us as f64 / 1000.0)
     };
     let mean = if lat_us.is_empty() {
         0.0

@@ -28,11 +28,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    tsunagi_server::latency::nearest_rank(sorted, p).unwrap_or(0.0)
 }
 
 async fn run(b: Backend) {

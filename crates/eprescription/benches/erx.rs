@@ -472,11 +472,7 @@ fn loadgen(
         }
         all.sort_unstable();
         let pct = |p: f64| -> f64 {
-            if all.is_empty() {
-                return 0.0;
-            }
-            let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
-            all[i] as f64 / 1000.0
+            tsunagi_server::latency::nearest_rank(&all, p).map_or(0.0, |us| us as f64 / 1000.0)
         };
         println!(
             "{mode}: {} in {:.1}s: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors (concurrency {concurrency})",

@@ -201,7 +201,9 @@ fn ceiling(
         }
         let secs = started.elapsed().as_secs_f64();
         lat.sort();
-        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+        let pct = |p: f64| {
+            tsunagi_server::latency::nearest_rank(&lat, p).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
         // no lost update: every patient's month sums to its reports
         let mut lost = 0i64;
         for i in 0..patients {

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod latency;
 pub mod orgs;
 pub mod state;
 pub mod validate;

@@ -144,8 +144,8 @@ fn validator(shared: &Path, dir: &Path) -> Arc<tsunagi_validation::Validator> {
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    v.sort_by(f64::total_cmp);
+    tsunagi_server::latency::nearest_rank(v, p).unwrap_or(0.0)
 }
 
 #[tokio::main(flavor = "multi_thread")]
