@@ -1207,17 +1207,30 @@ fn prepare_dispense(md: &Value, patient: &str, rx: Option<&Prescription>, last: 
     md
 }
 
-async fn verify_dispense_signature(
+/// The MedicationDispenses of a dispensing request (at least one), with the
+/// pharmacist's signature over them verified; a signature failure is audited as
+/// `action`.
+async fn signed_dispenses(
     state: &AppState,
     shared: &Shared,
     ctx: &Ctx,
     params: &[Value],
-    mds: &[Value],
-) -> FhirResult<()> {
-    match string(params, "signature") {
+    action: &str,
+) -> FhirResult<Vec<Value>> {
+    let mds: Vec<Value> = resources(params, "medicationDispense", "MedicationDispense")?
+        .into_iter()
+        .cloned()
+        .collect();
+    if mds.is_empty() {
+        return Err(perr(
+            "medicationDispense",
+            "the dispensing result is required",
+        ));
+    }
+    let verified = match string(params, "signature") {
         Some(sig) => {
             let (store, user) = (state.engine.store.clone(), ctx.principal.user.clone());
-            let msg = serde_json::to_vec(&Value::Array(mds.to_vec())).unwrap_or_default();
+            let msg = serde_json::to_vec(&Value::Array(mds.clone())).unwrap_or_default();
             blocking(move || {
                 keys::verify(
                     &*store,
@@ -1234,6 +1247,10 @@ async fn verify_dispense_signature(
             "a pharmacist's signature (HPKI) is required",
         )),
         None => Ok(()),
+    };
+    match verified {
+        Ok(()) => Ok(mds),
+        Err(e) => Err(failed(state, ctx, action, e).await),
     }
 }
 
@@ -1249,16 +1266,7 @@ async fn dispense(
     let params = parameters(&body)?;
     let id = required(params, "prescriptionId")?;
     let last = boolean(params, "final").unwrap_or(true);
-    let mds: Vec<Value> = resources(params, "medicationDispense", "MedicationDispense")?
-        .into_iter()
-        .cloned()
-        .collect();
-    if mds.is_empty() {
-        return Err(perr("medicationDispense", "the dispensing result is required").into());
-    }
-    if let Err(e) = verify_dispense_signature(&state, &shared, &ctx, params, &mds).await {
-        return Err(failed(&state, &ctx, "erx-dispense", e).await.into());
-    }
+    let mds = signed_dispenses(&state, &shared, &ctx, params, "erx-dispense").await?;
     let keep_from = shared.today() - Duration::days(shared.config.checks.lookback_days);
     let (ctx2, shared2) = (ctx.clone(), shared.clone());
     let n = mds.len() as u64;
@@ -1333,16 +1341,7 @@ async fn paper_dispense(
         Ok(p) => p,
         Err(e) => return Err(failed(&state, &ctx, "erx-paper-dispense", e).await.into()),
     };
-    let mds: Vec<Value> = resources(params, "medicationDispense", "MedicationDispense")?
-        .into_iter()
-        .cloned()
-        .collect();
-    if mds.is_empty() {
-        return Err(perr("medicationDispense", "the dispensing result is required").into());
-    }
-    if let Err(e) = verify_dispense_signature(&state, &shared, &ctx, params, &mds).await {
-        return Err(failed(&state, &ctx, "erx-paper-dispense", e).await.into());
-    }
+    let mds = signed_dispenses(&state, &shared, &ctx, params, "erx-paper-dispense").await?;
     let keep_from = shared.today() - Duration::days(shared.config.checks.lookback_days);
     let (ctx2, shared2) = (ctx.clone(), shared.clone());
     let n = mds.len() as u64;
