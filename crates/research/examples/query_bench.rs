@@ -50,9 +50,13 @@ fn generate(dir: &std::path::Path, n: usize) -> anyhow::Result<()> {
             schema.clone(),
             vec![
                 Arc::new(StringArray::from_iter_values((start..end).map(pid))),
-                Arc::new(StringArray::from_iter_values(
-                    (start..end).map(|p| if p.is_multiple_of(2) { "female" } else { "male" }),
-                )),
+                Arc::new(StringArray::from_iter_values((start..end).map(|p| {
+                    if p.is_multiple_of(2) {
+                        "female"
+                    } else {
+                        "male"
+                    }
+                }))),
                 Arc::new(Date32Array::from_iter_values(
                     (start..end).map(|p| -7000 + (p % 25000) as i32),
                 )),

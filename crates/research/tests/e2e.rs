@@ -1,5 +1,6 @@
-//! End to end, both backends: clinical records in the primary store → opt-out →
-//! extraction → catalogue → applications (marketing rejected, pseudonymised
+//! End to end, both backends: clinical records in the primary store (one
+//! JP-CLINS Bundle registered through the sharing service's `$register-clins`) →
+//! opt-out → extraction → catalogue → applications (marketing rejected, pseudonymised
 //! where anonymised suffices rejected) → review → workspace → aggregate query →
 //! disclosure control → output check → release; change request re-enters
 //! review; every step in the research audit trail.
@@ -12,11 +13,15 @@ use std::sync::Arc;
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::{Backend, Primary};
+use tsunagi_policy::identity::{OrgKind, Role as PrimaryRole};
 use tsunagi_research::Research;
 use tsunagi_research::accounts::Role;
 use tsunagi_research_primary::LinkageKey;
+use tsunagi_research_primary::OptOutService;
 use tsunagi_research_primary::extract::{self, ExtractConfig};
+use tsunagi_sharing::SharingService;
 use tsunagi_testkit::both_backends;
+use tsunagi_testkit::{Options, TestServer};
 
 both_backends!(research_end_to_end);
 
@@ -92,14 +97,41 @@ fn application(title: &str, purpose: &str, form: &str) -> Value {
     })
 }
 
+/// The primary server with the opt-out module and the EHR sharing service.
+async fn primary_with_sharing(b: Backend) -> Option<Primary> {
+    let opts = Options::default()
+        .service(|_| Arc::new(OptOutService))
+        .service(|ctx| {
+            let clock: Arc<dyn tsunagi_sharing::Clock> = ctx.clock.clone();
+            Arc::new(SharingService::with_clock(Default::default(), clock))
+        });
+    TestServer::start_with(b, opts).await.map(Primary)
+}
+
 async fn research_end_to_end(b: Backend) {
-    let Some(p) = Primary::start(b).await else {
+    let Some(p) = primary_with_sharing(b).await else {
         return;
     };
     // 30 persons: pt-03, pt-06, ... are male (10), the others female (20).
     for n in 1..=30 {
         p.seed_person(n);
     }
+    // A hospital registers the official JP-CLINS lab Bundle (four results of
+    // 2021-07-05) for pt-01 through the sharing service.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/jp-examples/clinical-core/Bundle-Bundle-CLINS-Observations-Example-01.json"
+    );
+    let bundle: Value = serde_json::from_slice(&std::fs::read(example).unwrap()).unwrap();
+    let clins_hospital = "1318814790"; // the examples' institution number
+    let r = p
+        .post(
+            &p.token_2fa(clins_hospital, OrgKind::Hospital, PrimaryRole::Doctor, true),
+            "/fhir/$register-clins?patient=pt-01",
+            &bundle,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
     // pt-03 (a man) opts out through the primary side's self-service endpoint.
     let (s, _) = p
         .call(
@@ -137,8 +169,9 @@ async fn research_end_to_end(b: Backend) {
         .iter()
         .find(|t| t["name"] == "observation")
         .unwrap();
-    assert_eq!(obs["rows"], 58);
-    assert_eq!(obs["coverage"]["from"], "2026-04-01");
+    // 2 seeded results × 29 persons, plus the 4 registered through the sharing service
+    assert_eq!(obs["rows"], 62);
+    assert_eq!(obs["coverage"]["from"], "2021-07-05");
     assert!(
         obs["columns"]
             .as_array()
