@@ -21,7 +21,7 @@ use tsunagi_policy::audit::{AuditRecord, AuditSink, Outcome};
 use tsunagi_policy::identity::{Principal, Purpose};
 use tsunagi_policy::policy::{AccessRequest, Decision, Operation, Policy};
 use tsunagi_store::{
-    HistoryQuery, Scope, SearchResult, Store, StoredResource, Transaction, WriteContext,
+    HistoryQuery, LatestPer, Scope, SearchResult, Store, StoredResource, Transaction, WriteContext,
 };
 
 use crate::validate::{Validate, check_shape, gate};
@@ -310,6 +310,30 @@ impl Engine {
         let store = self.store.clone();
         let started = std::time::Instant::now();
         let result = blocking(move || store.search(&query, &scope)).await?;
+        metrics::histogram!("tsunagi_search_seconds").record(started.elapsed().as_secs_f64());
+        let touched: Vec<&StoredResource> = result
+            .matches
+            .iter()
+            .chain(result.included.iter())
+            .collect();
+        self.audit_reads(ctx, Operation::Search, &touched).await?;
+        Ok(result)
+    }
+
+    /// [`Engine::search`] keeping only the newest matches per group
+    /// ([`LatestPer`], like `$lastn`): same scope from the policy, applied inside
+    /// SQL before the grouping; the returned resources are audited like a search.
+    pub async fn search_latest(
+        &self,
+        ctx: &Ctx,
+        query: SearchQuery,
+        latest: LatestPer,
+    ) -> FhirResult<SearchResult> {
+        check_type(&query.resource_type)?;
+        let scope = self.scope(ctx, &query.resource_type).await?;
+        let store = self.store.clone();
+        let started = std::time::Instant::now();
+        let result = blocking(move || store.search_latest(&query, &scope, &latest)).await?;
         metrics::histogram!("tsunagi_search_seconds").record(started.elapsed().as_secs_f64());
         let touched: Vec<&StoredResource> = result
             .matches

@@ -10,6 +10,7 @@
 //! - [`kinds`]: what a resource is (information kind, consent category) and the
 //!   labels the service stores with it.
 //! - [`register`]: `$register-clins`, `$register-document`, `$withdraw`.
+//! - [`commit`]: group commit of concurrent registrations (one fsync per group).
 //! - [`access`]: the `sharing` access rule (addressee, insurer, mailbox labels).
 //! - [`documents`]: `$referrals` and `$retrieve` (marks a referral received).
 //! - [`summary`]: the patient summary (`Patient/{id}/$summary`).
@@ -31,6 +32,7 @@ pub use tsunagi_server::clock::{Clock, ManualClock, SystemClock};
 
 pub mod access;
 pub mod cli;
+pub mod commit;
 pub mod demo;
 pub mod documents;
 pub mod kinds;
@@ -66,11 +68,27 @@ impl Default for Config {
 pub struct Shared {
     pub clock: Arc<dyn Clock>,
     pub config: Config,
+    /// The group-commit writer of registrations, started on first use (on the
+    /// runtime that serves the requests).
+    committer: std::sync::OnceLock<commit::Committer>,
 }
 
 impl Shared {
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Self {
+        Shared {
+            clock,
+            config,
+            committer: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
+    }
+
+    /// The registration writer (must be called inside a tokio runtime).
+    pub fn committer(&self) -> &commit::Committer {
+        self.committer.get_or_init(commit::Committer::spawn)
     }
 }
 
@@ -87,7 +105,7 @@ impl SharingService {
 
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Self {
         SharingService {
-            shared: Arc::new(Shared { clock, config }),
+            shared: Arc::new(Shared::new(config, clock)),
         }
     }
 

@@ -387,6 +387,7 @@ async fn register_clins(
     }
     let written = register_clins_bundle(
         &state,
+        &shared,
         &ctx,
         shared.now(),
         bundle,
@@ -399,9 +400,13 @@ async fn register_clins(
     }
 }
 
-/// `$register-clins` without HTTP (also used by the demo seed and the benchmark).
+/// `$register-clins` without HTTP (also used by the benchmark). The entries
+/// are written through the service's group-commit writer ([`crate::commit`]):
+/// one transaction per Bundle or per group of concurrent Bundles, each Bundle
+/// all-or-nothing, with the policy decision and audit record of every entry.
 pub async fn register_clins_bundle(
     state: &AppState,
+    shared: &Shared,
     ctx: &Ctx,
     now: DateTime<Utc>,
     bundle: Value,
@@ -428,10 +433,14 @@ pub async fn register_clins_bundle(
         prepare_clins(&bundle, &org, &pid, now)
     })
     .await?;
-    state
-        .engine
-        .write(ctx, move |work, tx| write_prepared(work, tx, items))
-        .await
+    let work = tsunagi_server::engine::WriteWork::new(&state.engine, ctx);
+    match shared.committer().write(work, items).await? {
+        Ok(w) => Ok(w),
+        Err(d) => Err(state
+            .engine
+            .deny(ctx, d.op, d.patient, d.resources, d.reason)
+            .await),
+    }
 }
 
 /// The document kind of a document Bundle (by its Composition's type).

@@ -1,11 +1,18 @@
 //! `GET /fhir/Patient/{id}/$summary`: one Bundle merging, across institutions,
-//! what the caller may see of a patient: current diagnoses, allergies,
-//! infections, the latest lab value per item, recent prescriptions, each with
-//! its source institution and date.
+//! what the caller may see of a patient: current diagnoses, allergies, the
+//! latest infection result per item, the latest lab value per item, recent
+//! prescriptions, each with its source institution and date. An item is the
+//! result's JLAC10 code (its first coding when it has none); history is not
+//! part of the summary (it stays searchable).
 //!
-//! Built from ordinary engine searches, so the caller's scope (consent
-//! categories, the patient's own view, emergency access) applies inside SQL
-//! and every search is audited; a kind the caller may not search is left out.
+//! Built from engine searches, so the caller's scope (consent categories, the
+//! patient's own view, emergency access) applies inside SQL and every search is
+//! audited (with the resources it returned); a kind the caller may not search
+//! is left out. Results are read with `Engine::search_latest`: the store picks
+//! the newest Observation per code inside the caller's scope, so a patient's
+//! result history is not read at all. The newest candidate per item is then
+//! chosen here; an Observation coded with two different JLAC10 codes is a
+//! candidate only where it is the newest of one of its codes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +28,7 @@ use tsunagi_fhir::{FhirResult, query};
 use tsunagi_server::http::extract::Caller;
 use tsunagi_server::http::{ApiResult, fhir_json};
 use tsunagi_server::{AppState, Ctx, OperationDecl};
+use tsunagi_store::LatestPer;
 
 use crate::Shared;
 use crate::kinds::*;
@@ -67,26 +75,40 @@ fn current_condition(r: &Value) -> bool {
 }
 
 /// Every resource of `rt` in the patient's compartment the caller may see (all
-/// pages: the latest lab value of an item may be anywhere). A type the caller
-/// may not search at all yields nothing (the denial is audited).
+/// pages). With `latest`, only the newest Observation per code that is not
+/// withdrawn, chosen in SQL inside the caller's scope (`Engine::search_latest`),
+/// so the history of results is neither read nor parsed. A type the caller may
+/// not search at all yields nothing (the denial is audited).
 async fn all_of(
     state: &AppState,
     ctx: &Ctx,
     rt: &str,
     patient: &str,
+    latest: bool,
 ) -> FhirResult<Vec<(String, Value)>> {
     let mut out = Vec::new();
     let mut offset = 0;
     loop {
-        let mut q = query::parse(
-            rt,
-            &[
-                ("patient".into(), format!("Patient/{patient}")),
-                ("_count".into(), PAGE.to_string()),
-            ],
-        )?;
+        let mut params = vec![
+            ("patient".to_string(), format!("Patient/{patient}")),
+            ("_count".to_string(), PAGE.to_string()),
+        ];
+        if latest {
+            params.push(("status:not".into(), "entered-in-error".into()));
+        }
+        let mut q = query::parse(rt, &params)?;
         q.offset = offset;
-        match state.engine.search(ctx, q).await {
+        let found = if latest {
+            let per = LatestPer {
+                param: "code".into(),
+                by: "date".into(),
+                per: 1,
+            };
+            state.engine.search_latest(ctx, q, per).await
+        } else {
+            state.engine.search(ctx, q).await
+        };
+        match found {
             Ok(r) => {
                 let n = r.matches.len();
                 out.extend(
@@ -114,25 +136,29 @@ pub async fn build(
     rules: &crate::retention::Rules,
 ) -> FhirResult<Value> {
     // the Patient itself only when the caller may read it (a registering
-    // institution sees its own entries without the Patient's consent)
-    let pat = match state.engine.read(ctx, "Patient", patient).await {
+    // institution sees its own entries without the Patient's consent); the read
+    // and the four searches run concurrently, so their audit records share a
+    // group commit
+    let (pat, a, b, c, d) = tokio::join!(
+        state.engine.read(ctx, "Patient", patient),
+        all_of(state, ctx, "Condition", patient, false),
+        all_of(state, ctx, "AllergyIntolerance", patient, false),
+        all_of(state, ctx, "Observation", patient, true),
+        all_of(state, ctx, "MedicationRequest", patient, false),
+    );
+    let pat = match pat {
         Ok(p) => p.resource,
         Err(e) if e.status == 403 => None,
         Err(e) => return Err(e),
     };
-    // the four searches run concurrently: their audit records share a group commit
-    let (a, b, c, d) = tokio::join!(
-        all_of(state, ctx, "Condition", patient),
-        all_of(state, ctx, "AllergyIntolerance", patient),
-        all_of(state, ctx, "Observation", patient),
-        all_of(state, ctx, "MedicationRequest", patient),
-    );
     let mut found: Vec<(String, Value)> = Vec::new();
     for part in [a, b, c, d] {
         found.extend(part?);
     }
     let mut sections: HashMap<&str, Vec<(String, Value)>> = HashMap::new();
-    let mut latest_lab: HashMap<String, (String, Value)> = HashMap::new();
+    // (section, item) -> the latest result: lab values and infection results
+    // are shown as the latest per item (JLAC10 code), not their history
+    let mut latest: HashMap<(&str, String), (String, Value)> = HashMap::new();
     let mut rx: Vec<(String, Value)> = Vec::new();
     for (rt, r) in found {
         let Some(kind) = kind_of(&r) else { continue };
@@ -147,13 +173,17 @@ pub async fn build(
             Kind::DrugAllergy | Kind::OtherAllergy => {
                 sections.entry("allergies").or_default().push((date, r))
             }
-            Kind::Infection => sections.entry("infections").or_default().push((date, r)),
-            Kind::Lab => {
-                let item = lab_item(&r);
-                match latest_lab.get(&item) {
+            Kind::Infection | Kind::Lab => {
+                let section = if kind == Kind::Lab {
+                    "lab-latest"
+                } else {
+                    "infections"
+                };
+                let key = (section, lab_item(&r));
+                match latest.get(&key) {
                     Some((d, _)) if *d >= date => {}
                     _ => {
-                        latest_lab.insert(item, (date, r));
+                        latest.insert(key, (date, r));
                     }
                 }
             }
@@ -161,7 +191,9 @@ pub async fn build(
             _ => {}
         }
     }
-    sections.insert("lab-latest", latest_lab.into_values().collect());
+    for ((section, _), x) in latest {
+        sections.entry(section).or_default().push(x);
+    }
     // recent: within the prescription retention window, or the latest few
     rx.sort_by(|a, b| b.0.cmp(&a.0));
     let cutoff = now - chrono::Duration::days(rules.prescription_days);

@@ -66,6 +66,15 @@ async fn count(t: &TestServer, token: &str, path: &str) -> usize {
 
 /// An infection Observation (HBs antigen) of the hospital.
 fn infection_bundle(local: &str) -> Value {
+    infection_result(local, HBS_ANTIGEN, "2026-11-01")
+}
+
+/// JLAC10 codes of the infection item set (HBs antigen S/CO, HCV antibody result).
+const HBS_ANTIGEN: (&str, &str) = ("5F016141002305151", "HBs抗原(S/CO)");
+const HCV_ANTIBODY: (&str, &str) = ("5F360148202302311", "HCV抗体(判定)");
+
+/// An infection result of the hospital: item `(code, display)` on `date`.
+fn infection_result(local: &str, (code, display): (&str, &str), date: &str) -> Value {
     json!({"resourceType": "Bundle", "type": "collection", "entry": [
         {"fullUrl": "urn:uuid:00000000-0000-0000-0000-000000000001", "resource": {"resourceType": "Patient"}},
         {"resource": {"resourceType": "Observation",
@@ -73,10 +82,29 @@ fn infection_bundle(local: &str) -> Value {
             "identifier": [{"system": tsunagi_sharing::kinds::RESOURCE_ID_SYSTEM, "value": local}],
             "status": "final",
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
-            "code": {"coding": [{"system": tsunagi_sharing::kinds::INFECTION_CS, "code": "5F016141002305151", "display": "HBs抗原(S/CO)"}]},
+            "code": {"coding": [{"system": tsunagi_sharing::kinds::INFECTION_CS, "code": code, "display": display}]},
             "subject": {"reference": "urn:uuid:00000000-0000-0000-0000-000000000001"},
-            "effectiveDateTime": "2026-11-01", "valueString": "陰性"}}
+            "effectiveDateTime": date, "valueString": "陰性"}}
     ]})
+}
+
+/// `(section, resource id)` of every summary entry.
+fn summary_sections(s: &Resp) -> Vec<(String, String)> {
+    s.body["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["extension"].is_array())
+        .map(|e| {
+            (
+                e["extension"][0]["extension"][0]["valueCode"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                e["resource"]["id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }
 
 async fn official_examples_are_accepted_and_replaced(b: Backend) {
@@ -663,6 +691,74 @@ async fn summary_merges_what_the_reader_may_see(b: Backend) {
     );
 }
 
+/// Infection results are summarised like lab values: the latest result per
+/// item, whoever registered the older ones and in whatever order.
+async fn summary_lists_latest_infection_per_item(b: Backend) {
+    let Some(t) = TestServer::start(b).await else {
+        return;
+    };
+    let h = t.doctor(HOSP);
+    // the newest HBs result is registered first, the older ones after it
+    for (local, item, date) in [
+        ("hbs-2026", HBS_ANTIGEN, "2026-11-01"),
+        ("hbs-2024", HBS_ANTIGEN, "2024-05-10"),
+        ("hbs-2025", HBS_ANTIGEN, "2025-02-03"),
+        ("hcv-2023", HCV_ANTIBODY, "2023-07-01"),
+    ] {
+        let r = t
+            .post(
+                &h,
+                "/fhir/$register-clins?patient=pt-01",
+                &infection_result(local, item, date),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let id = |local: &str| {
+        let item = if local.starts_with("hcv") {
+            HCV_ANTIBODY.0
+        } else {
+            HBS_ANTIGEN.0
+        };
+        tsunagi_sharing::kinds::entry_id(
+            "clins",
+            HOSP,
+            "Observation",
+            &format!("{local}|{}|{item}", tsunagi_sharing::kinds::INFECTION_CS),
+        )
+    };
+    // all four results are stored and searchable (history is not lost)
+    assert_eq!(
+        count(&t, &h, "/fhir/Observation?patient=Patient/pt-01").await,
+        4
+    );
+    let s = t.get(&h, "/fhir/Patient/pt-01/$summary").await;
+    assert_eq!(s.status, 200, "{}", s.text);
+    let mut infections: Vec<String> = summary_sections(&s)
+        .into_iter()
+        .filter(|(section, _)| section == "infections")
+        .map(|(_, id)| id)
+        .collect();
+    infections.sort();
+    let mut want = vec![id("hbs-2026"), id("hcv-2023")];
+    want.sort();
+    assert_eq!(infections, want, "{}", s.text);
+    // withdrawing the latest HBs result brings back the one before it
+    let w = t.post(&h, "/fhir/$withdraw", &json!({"resourceType": "Parameters", "parameter": [
+        {"name": "type", "valueCode": "Observation"}, {"name": "identifier", "valueString": "hbs-2026"},
+        {"name": "item", "valueString": format!("{}|{}", tsunagi_sharing::kinds::INFECTION_CS, HBS_ANTIGEN.0)}]})).await;
+    assert_eq!(w.status, 200, "{}", w.text);
+    let s = t.get(&h, "/fhir/Patient/pt-01/$summary").await;
+    let infections: Vec<String> = summary_sections(&s)
+        .into_iter()
+        .filter(|(section, _)| section == "infections")
+        .map(|(_, id)| id)
+        .collect();
+    assert!(infections.contains(&id("hbs-2025")), "{}", s.text);
+    assert!(!infections.contains(&id("hbs-2026")), "{}", s.text);
+    assert_eq!(infections.len(), 2, "{}", s.text);
+}
+
 async fn retention_rules_and_lts(b: Backend) {
     let Some(t) = TestServer::start(b).await else {
         return;
@@ -1050,6 +1146,7 @@ both_backends!(
     referral_only_for_the_addressee_and_marked_received,
     checkup_reports_for_insurer_category_c_and_patient,
     summary_merges_what_the_reader_may_see,
+    summary_lists_latest_infection_per_item,
     retention_rules_and_lts,
     lab_and_prescription_keep_latest_three,
     infection_notification_to_the_health_centre,

@@ -127,6 +127,19 @@ pub fn security_labels(resource: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Keeps, of a search's matches, the newest `per` of each group (like FHIR
+/// `Observation/$lastn`): a group is one `system|code` of the token parameter
+/// `param` (a resource with several codes is in each of their groups), newest
+/// by the start of date parameter `by` (a resource without one comes last),
+/// then by last update. The scope and every clause of the search apply before
+/// the grouping, inside SQL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatestPer {
+    pub param: String,
+    pub by: String,
+    pub per: usize,
+}
+
 /// `_history` request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HistoryQuery {
@@ -217,6 +230,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs a search within the scope.
     fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult>;
+
+    /// A search keeping only the newest matches per group ([`LatestPer`]), in
+    /// the search's sort order and paged like it.
+    fn search_latest(
+        &self,
+        query: &SearchQuery,
+        scope: &Scope,
+        latest: &LatestPer,
+    ) -> FhirResult<SearchResult> {
+        let _ = (query, scope, latest);
+        Err(tsunagi_fhir::FhirError::not_supported(
+            "this backend does not support latest-per-group searches",
+        ))
+    }
 
     /// Everything in a patient's compartment (current, not deleted), the Patient first,
     /// within the scope, paged by `count`/`offset`.

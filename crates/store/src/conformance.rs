@@ -96,6 +96,7 @@ macro_rules! conformance_tests {
             schema_and_size,
             security_label_scopes,
             purge_removes_everything,
+            latest_per_group,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2075,4 +2076,106 @@ pub fn purge_removes_everything(h: &dyn Harness) {
         audit::verify_chain(audit::scan_all(s)).ok(),
         "purging keeps the audit chain intact"
     );
+}
+
+/// The newest match per code (`$lastn`-like), chosen inside SQL after the
+/// scope and the clauses: a newer row the caller may not see, or one a clause
+/// excludes, never hides the newest one it may see.
+pub fn latest_per_group(h: &dyn Harness) {
+    let s = h.store();
+    let mut withdrawn = observation("p1", "ALB", "2026-03-01", 9.9, "g/dL");
+    withdrawn["status"] = json!("entered-in-error");
+    seed(
+        s,
+        "H1",
+        vec![
+            ("Patient", "p1", patient("p1", "Yamada", None, "male")),
+            ("Patient", "p2", patient("p2", "Sato", None, "female")),
+            (
+                "Observation",
+                "alb-1",
+                observation("p1", "ALB", "2025-01-01", 3.9, "g/dL"),
+            ),
+            (
+                "Observation",
+                "alb-2",
+                observation("p1", "ALB", "2026-01-01", 4.0, "g/dL"),
+            ),
+            (
+                "Observation",
+                "alb-old",
+                observation("p1", "ALB", "2024-06-01", 4.1, "g/dL"),
+            ),
+            ("Observation", "alb-gone", withdrawn),
+            (
+                "Observation",
+                "alb-hid",
+                labelled(
+                    observation("p1", "ALB", "2026-02-01", 4.2, "g/dL"),
+                    &[(VIS, "withheld")],
+                ),
+            ),
+            (
+                "Observation",
+                "k-1",
+                observation("p1", "K", "2023-01-01", 4.0, "mmol/L"),
+            ),
+            (
+                "Observation",
+                "k-other",
+                observation("p2", "K", "2026-05-01", 4.4, "mmol/L"),
+            ),
+        ],
+    );
+    let latest = |per: usize| LatestPer {
+        param: "code".into(),
+        by: "date".into(),
+        per,
+    };
+    let mut q = SearchQuery::new("Observation").with(
+        "status",
+        Criterion::Token {
+            values: vec![tok(None, Some("entered-in-error"))],
+            negate: true,
+        },
+    );
+    q.count = 100;
+    let mine = Scope::AnyOf(vec![ScopeRule::Labeled {
+        rule: Box::new(ScopeRule::Patient {
+            id: "p1".into(),
+            types: None,
+        }),
+        filter: LabelFilter {
+            system: VIS.into(),
+            allow: None,
+            deny: vec!["withheld".into()],
+            unlabelled: true,
+        },
+    }]);
+    let r = s.search_latest(&q, &mine, &latest(1)).unwrap();
+    assert_eq!(
+        (sorted_ids(&r), r.total),
+        (v(&["alb-2", "k-1"]), 2),
+        "the newest visible, not withdrawn ALB and the patient's own K"
+    );
+    let r = s.search_latest(&q, &mine, &latest(2)).unwrap();
+    assert_eq!(sorted_ids(&r), v(&["alb-1", "alb-2", "k-1"]));
+    // unrestricted and without the clause: the withheld and the withdrawn rows count
+    let r = s
+        .search_latest(
+            &SearchQuery::new("Observation"),
+            &Scope::Unrestricted,
+            &latest(1),
+        )
+        .unwrap();
+    assert_eq!(sorted_ids(&r), v(&["alb-gone", "k-other"]));
+    // paging and totals follow the search's
+    let mut page = q.clone();
+    page.count = 1;
+    let r = s.search_latest(&page, &mine, &latest(1)).unwrap();
+    assert_eq!((r.matches.len(), r.total), (1, 2));
+    let r = s
+        .search_latest(&q, &Scope::AnyOf(vec![]), &latest(1))
+        .unwrap();
+    assert_eq!((r.matches.len(), r.total), (0, 0));
 }

@@ -373,6 +373,36 @@ pub(crate) fn search<O: Ops + ?Sized>(
     })
 }
 
+/// A search keeping the newest matches per group ([`crate::api::LatestPer`]).
+pub(crate) fn search_latest<O: Ops + ?Sized>(
+    o: &mut O,
+    q: &SearchQuery,
+    scope: &Scope,
+    latest: &crate::api::LatestPer,
+) -> FhirResult<SearchResult> {
+    let d = o.dialect();
+    if q.summary == Summary::Count || q.count == 0 {
+        let total = o.count(&sql::search_latest_count(d, q, scope, latest))?;
+        return Ok(SearchResult {
+            total,
+            matches: Vec::new(),
+            included: Vec::new(),
+        });
+    }
+    let rows = o.rows(&sql::search_latest_page(d, q, scope, latest)?)?;
+    let total = if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
+        (q.offset + rows.len()) as u64
+    } else {
+        o.count(&sql::search_latest_count(d, q, scope, latest))?
+    };
+    let included = includes(o, q, &rows, scope)?;
+    Ok(SearchResult {
+        total,
+        matches: rows.into_iter().map(|r| r.res).collect(),
+        included,
+    })
+}
+
 fn includes<O: Ops + ?Sized>(
     o: &mut O,
     q: &SearchQuery,

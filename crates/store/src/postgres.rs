@@ -696,6 +696,15 @@ impl Store for PgStore {
         self.with_conn(|o| engine::search(o, query, scope))
     }
 
+    fn search_latest(
+        &self,
+        query: &SearchQuery,
+        scope: &Scope,
+        latest: &LatestPer,
+    ) -> FhirResult<SearchResult> {
+        self.with_conn(|o| engine::search_latest(o, query, scope, latest))
+    }
+
     fn patient_compartment(
         &self,
         patient_id: &str,

@@ -17,7 +17,7 @@ use tsunagi_fhir::search::{
 };
 use tsunagi_fhir::{FhirError, FhirResult};
 
-use crate::api::{AuditFilter, HistoryQuery, Scope, ScopeRule};
+use crate::api::{AuditFilter, HistoryQuery, LatestPer, Scope, ScopeRule};
 
 /// SQL flavour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -769,6 +769,53 @@ pub fn search_count(d: Dialect, q: &SearchQuery, scope: &Scope) -> Built {
     let mut b = B::new(d);
     b.s("SELECT COUNT(*) FROM resource_current r");
     search_where(&mut b, q, scope);
+    b.done()
+}
+
+/// `r.rid IN (...)`: the rids of the newest `latest.per` matches of each group.
+/// The window runs over the search's own WHERE (type, scope, clauses), so the
+/// grouping never sees a row outside the caller's scope.
+fn latest_rids(b: &mut B, q: &SearchQuery, scope: &Scope, latest: &LatestPer) {
+    b.s("r.rid IN (SELECT w.rid FROM (SELECT r.rid AS rid, ROW_NUMBER() OVER (PARTITION BY g.system, g.code ORDER BY ")
+        .s("(SELECT MAX(dd.lo) FROM idx_date dd WHERE dd.rid = r.rid AND dd.param = ")
+        .text(&latest.by)
+        .s(") DESC NULLS LAST, r.last_updated DESC, r.rid DESC) AS rn FROM resource_current r JOIN idx_token g ON g.rid = r.rid AND g.param = ")
+        .text(&latest.param);
+    search_where(b, q, scope);
+    b.s(") w WHERE w.rn <= ").int(to_i64(latest.per)).s(")");
+}
+
+/// The page of a latest-per-group search ([`LatestPer`]), in the search's order.
+pub fn search_latest_page(
+    d: Dialect,
+    q: &SearchQuery,
+    scope: &Scope,
+    latest: &LatestPer,
+) -> FhirResult<Built> {
+    let mut b = B::new(d);
+    b.s("SELECT ")
+        .s(RESOURCE_COLUMNS)
+        .s(FROM_CURRENT)
+        .s(" WHERE ");
+    latest_rids(&mut b, q, scope, latest);
+    sort_sql(&mut b, &q.sort)?;
+    b.s(" LIMIT ")
+        .int(to_i64(q.count))
+        .s(" OFFSET ")
+        .int(to_i64(q.offset));
+    Ok(b.done())
+}
+
+/// `SELECT COUNT(*)` of a latest-per-group search.
+pub fn search_latest_count(
+    d: Dialect,
+    q: &SearchQuery,
+    scope: &Scope,
+    latest: &LatestPer,
+) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT COUNT(*) FROM resource_current r WHERE ");
+    latest_rids(&mut b, q, scope, latest);
     b.done()
 }
 
