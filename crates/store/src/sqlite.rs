@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use rusqlite::config::DbConfig;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
@@ -27,6 +28,23 @@ const STATEMENT_CACHE: usize = 256;
 const MAX_READERS: usize = 16;
 /// How long a connection waits for a lock held by another process before failing.
 const BUSY_TIMEOUT_MS: u32 = 10_000;
+
+/// Settings every connection gets. The query planner stability guarantee
+/// (QPSG) makes a statement's plan independent of the values bound to it.
+/// Without it, SQLite (built with STAT4, as rusqlite bundles it) marks cached
+/// statements as plan-dependent on their parameters, and rusqlite's statement
+/// cache clears the bindings when a statement is returned, which expires it: every
+/// reuse of a cached statement was re-prepared (measured: each primary-key read
+/// of the write path re-parsed and re-planned its SQL, 11-16 % of an import's
+/// CPU). The search SQL steers the planner itself and the store runs no
+/// ANALYZE, so no plan depended on bound values anyway
+/// (`tests/sqlite_plans.rs` guards the plans).
+fn configure(c: &Connection) -> FhirResult<()> {
+    c.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(db_err)?;
+    c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
 
 /// The embedded store.
 pub struct SqliteStore {
@@ -78,7 +96,7 @@ impl SqliteStore {
             ))
             .map_err(db_err)?;
         // room for every static statement plus the recent search shapes
-        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        configure(&writer)?;
         migrate(&writer)?;
         let store = SqliteStore {
             path: path.to_path_buf(),
@@ -106,7 +124,7 @@ impl SqliteStore {
              PRAGMA cache_size = -32768;"
         ))
         .map_err(db_err)?;
-        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        configure(&c)?;
         Ok(c)
     }
 
