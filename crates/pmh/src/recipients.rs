@@ -429,6 +429,79 @@ enum Applied {
     Review,
 }
 
+/// Validates a row of an import (the catalogue, the municipality, a full file's rules).
+fn validate(
+    catalogue: &Catalogue,
+    municipality: &str,
+    opts: &Options,
+    m: &BTreeMap<String, String>,
+) -> Result<Row, RowError> {
+    let row = Row::parse(m, catalogue, municipality)?;
+    if opts.full {
+        if Some(&row.programme) != opts.programme.as_ref() {
+            return Err(RowError::new(
+                "programme",
+                "every row of a full file is of the file's programme",
+            ));
+        }
+        if row.action == Action::End {
+            return Err(RowError::new(
+                "action",
+                "a full file lists current recipients; end rows belong in incremental files",
+            ));
+        }
+    }
+    Ok(row)
+}
+
+/// A validated row made ready outside the write transaction (by the preparing
+/// thread of [`Importer::run`]): the person matched and, for a match, the
+/// Coverage built. The writer still decides inside the transaction: an existing
+/// recipient keeps its person, and only then is the prepared match used.
+pub struct Prepared {
+    pub line: u64,
+    pub row: Row,
+    /// The match of an upsert row's person (None for end rows).
+    matched: Option<FhirResult<Match>>,
+    /// The Coverage for the matched person, taken by the first attempt.
+    coverage: Option<(String, Value)>,
+}
+
+impl Prepared {
+    /// Validates nothing: matches the person of a validated row and builds its Coverage.
+    pub fn new(
+        line: u64,
+        row: Row,
+        matcher: &mut Matcher,
+        store: &dyn Store,
+        catalogue: &Catalogue,
+        municipality: &str,
+    ) -> Prepared {
+        let matched = row.person.as_ref().map(|p| matcher.find(store, p));
+        let coverage = match (&matched, catalogue.get(&row.programme)) {
+            (Some(Ok(Match::Found(patient))), Some(programme)) => Some((
+                patient.clone(),
+                row.coverage(&programme, municipality, patient),
+            )),
+            _ => None,
+        };
+        Prepared {
+            line,
+            row,
+            matched,
+            coverage,
+        }
+    }
+}
+
+/// What the preparing thread hands the writer, in file order.
+enum Item {
+    Row(Box<Prepared>),
+    Invalid(u64, RowError),
+    /// A row before the resume point (its recipient id when valid, for a full file).
+    Skipped(Option<String>),
+}
+
 /// Applies recipient rows for one municipality.
 pub struct Importer<'a> {
     pub work: WriteWork,
@@ -461,27 +534,10 @@ impl<'a> Importer<'a> {
         self.work.store.clone()
     }
 
-    fn validate(&self, m: &BTreeMap<String, String>) -> Result<Row, RowError> {
-        let row = Row::parse(m, self.catalogue, &self.municipality)?;
-        if self.opts.full {
-            if Some(&row.programme) != self.opts.programme.as_ref() {
-                return Err(RowError::new(
-                    "programme",
-                    "every row of a full file is of the file's programme",
-                ));
-            }
-            if row.action == Action::End {
-                return Err(RowError::new(
-                    "action",
-                    "a full file lists current recipients; end rows belong in incremental files",
-                ));
-            }
-        }
-        Ok(row)
-    }
-
     /// Applies one row inside `tx`.
-    fn apply(&mut self, tx: &mut dyn Transaction, line: u64, row: &Row) -> FhirResult<Applied> {
+    fn apply(&mut self, tx: &mut dyn Transaction, item: &mut Prepared) -> FhirResult<Applied> {
+        let line = item.line;
+        let row = &item.row;
         let id = recipient_id(&row.payer_number, &row.recipient_number);
         let current = tx.read("Coverage", &id)?.filter(|c| !c.deleted);
         if let Some(c) = &current
@@ -525,9 +581,16 @@ impl<'a> Importer<'a> {
                 let patient = match existing {
                     Some(p) => p,
                     None => {
-                        let person = row.person.as_ref().expect("upsert rows name a person");
-                        let store = self.store();
-                        match self.matcher.find(&*store, person)? {
+                        let matched = match &item.matched {
+                            Some(m) => m.clone()?,
+                            None => {
+                                let person =
+                                    row.person.as_ref().expect("upsert rows name a person");
+                                let store = self.store();
+                                self.matcher.find(&*store, person)?
+                            }
+                        };
+                        match matched {
                             Match::Found(p) => p,
                             other => {
                                 self.send_to_review(tx, line, row, &other)?;
@@ -536,10 +599,11 @@ impl<'a> Importer<'a> {
                         }
                     }
                 };
-                (
-                    row.coverage(&programme, &self.municipality, &patient),
-                    patient,
-                )
+                let built = match item.coverage.take() {
+                    Some((p, c)) if p == patient => c,
+                    _ => row.coverage(&programme, &self.municipality, &patient),
+                };
+                (built, patient)
             }
         };
         if let Some(c) = &current
@@ -652,9 +716,9 @@ impl<'a> Importer<'a> {
         }
     }
 
-    /// Applies a batch of validated rows: one transaction, or, when it fails,
+    /// Applies a batch of prepared rows: one transaction, or, when it fails,
     /// one transaction per row so only the failing rows fail.
-    pub fn apply_batch(&mut self, rows: &[(u64, Row)]) -> FhirResult<()> {
+    pub fn apply_batch(&mut self, rows: &mut [Prepared]) -> FhirResult<()> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -663,8 +727,8 @@ impl<'a> Importer<'a> {
         self.pending_audit.clear();
         let batch_ok = (|| -> FhirResult<()> {
             let mut tx = store.begin()?;
-            for (line, row) in rows {
-                results.push(self.apply(&mut *tx, *line, row)?);
+            for item in rows.iter_mut() {
+                results.push(self.apply(&mut *tx, item)?);
             }
             if !self.pending_audit.is_empty() {
                 tx.audit_append(&self.pending_audit)?;
@@ -679,10 +743,10 @@ impl<'a> Importer<'a> {
                 }
             }
             Err(_) => {
-                for (line, row) in rows {
+                for item in rows.iter_mut() {
                     let one = (|| -> FhirResult<Applied> {
                         let mut tx = store.begin()?;
-                        let a = self.apply(&mut *tx, *line, row)?;
+                        let a = self.apply(&mut *tx, item)?;
                         if !self.pending_audit.is_empty() {
                             tx.audit_append(&self.pending_audit)?;
                         }
@@ -693,7 +757,7 @@ impl<'a> Importer<'a> {
                     match one {
                         Ok(a) => self.count(a),
                         Err(e) => self.report.errors.push((
-                            *line,
+                            item.line,
                             RowError::new(
                                 e.issues
                                     .first()
@@ -712,37 +776,95 @@ impl<'a> Importer<'a> {
 
     /// Feeds rows (line number, columns); `skip_until` lines are only remembered
     /// (resume). Calls `checkpoint(line)` after each committed batch.
+    ///
+    /// Two threads: one reads, validates and matches rows and builds their
+    /// Coverage (reading persons through the store's readers), the calling
+    /// thread writes batches in file order. Matching outside the write
+    /// transaction changes nothing it decides: the writer reads each recipient
+    /// inside the transaction, and a prepared match is used only for a
+    /// recipient that does not exist yet.
     pub fn run(
         &mut self,
-        rows: impl Iterator<Item = RawRow>,
+        rows: impl Iterator<Item = RawRow> + Send,
         skip_until: u64,
         mut checkpoint: impl FnMut(u64, &Report) -> FhirResult<()>,
     ) -> FhirResult<()> {
-        let mut batch: Vec<(u64, Row)> = Vec::with_capacity(self.opts.batch);
+        let store = self.store();
+        let catalogue = self.catalogue;
+        let municipality = self.municipality.clone();
+        let opts = self.opts.clone();
+        let mut matcher = std::mem::take(&mut self.matcher);
+        let mut batch: Vec<Prepared> = Vec::with_capacity(self.opts.batch);
         let mut last = 0;
-        for (line, m) in rows {
-            last = line;
-            let parsed = m.and_then(|m| self.validate(&m));
-            if let Ok(r) = &parsed {
-                self.seen
-                    .insert(recipient_id(&r.payer_number, &r.recipient_number));
-            }
-            if line <= skip_until {
-                self.report.skipped += 1;
-                continue;
-            }
-            self.report.rows += 1;
-            match parsed {
-                Ok(r) => batch.push((line, r)),
-                Err(e) => self.report.errors.push((line, e)),
-            }
-            if batch.len() >= self.opts.batch {
-                self.apply_batch(&batch)?;
-                batch.clear();
-                checkpoint(line, &self.report)?;
-            }
-        }
-        self.apply_batch(&batch)?;
+        std::thread::scope(|scope| -> FhirResult<()> {
+            let (send, recv) = std::sync::mpsc::sync_channel::<Vec<(u64, Item)>>(4);
+            let preparer = scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(256);
+                for (line, m) in rows {
+                    let parsed = m.and_then(|m| validate(catalogue, &municipality, &opts, &m));
+                    let item = match parsed {
+                        Ok(r) if line <= skip_until => {
+                            Item::Skipped(Some(recipient_id(&r.payer_number, &r.recipient_number)))
+                        }
+                        Err(_) if line <= skip_until => Item::Skipped(None),
+                        Ok(r) => Item::Row(Box::new(Prepared::new(
+                            line,
+                            r,
+                            &mut matcher,
+                            &*store,
+                            catalogue,
+                            &municipality,
+                        ))),
+                        Err(e) => Item::Invalid(line, e),
+                    };
+                    chunk.push((line, item));
+                    if chunk.len() >= 256 && send.send(std::mem::take(&mut chunk)).is_err() {
+                        // the writer stopped (an error): stop reading
+                        return matcher;
+                    }
+                }
+                let _ = send.send(chunk);
+                matcher
+            });
+            let written = (|| -> FhirResult<()> {
+                for chunk in recv.iter() {
+                    for (line, item) in chunk {
+                        last = line;
+                        match item {
+                            Item::Skipped(id) => {
+                                self.seen.extend(id);
+                                self.report.skipped += 1;
+                                continue;
+                            }
+                            Item::Invalid(line, e) => {
+                                self.report.rows += 1;
+                                self.report.errors.push((line, e));
+                            }
+                            Item::Row(p) => {
+                                self.report.rows += 1;
+                                self.seen.insert(recipient_id(
+                                    &p.row.payer_number,
+                                    &p.row.recipient_number,
+                                ));
+                                batch.push(*p);
+                            }
+                        }
+                        if batch.len() >= self.opts.batch {
+                            self.apply_batch(&mut batch)?;
+                            batch.clear();
+                            checkpoint(line, &self.report)?;
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(recv);
+            self.matcher = preparer
+                .join()
+                .map_err(|_| FhirError::internal("the row-preparing thread panicked"))?;
+            written
+        })?;
+        self.apply_batch(&mut batch)?;
         checkpoint(last, &self.report)?;
         if self.opts.full {
             self.end_missing()?;

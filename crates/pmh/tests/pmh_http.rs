@@ -677,6 +677,36 @@ async fn bad_rows_are_reported_and_good_rows_applied(backend: Backend) {
         .get(&muni(&s), "/fhir/Coverage?beneficiary=Patient/p1")
         .await;
     assert_eq!(c.entries().len(), 1, "{}", c.text);
+    // a row that fails inside the write (ending a recipient never registered)
+    // rolls its batch back; the batch is replayed row by row, so the good row of
+    // the same batch still lands and only the failing row is reported
+    let good2 = row(
+        &payer("54"),
+        &rno(5),
+        "54",
+        ("ヤマダ", "ハナコ"),
+        "1980-04-01",
+    );
+    let end_unknown = json!({"action": "end", "payerNumber": payer("54"),
+        "recipientNumber": rno(6), "programme": "54", "end": "2026-12-31"});
+    let r = register(&s, "", vec![good2, end_unknown]).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(r.body["written"], 1, "{}", r.text);
+    let errs = r.body["errors"].as_array().unwrap();
+    assert_eq!(errs.len(), 1, "{}", r.text);
+    assert_eq!(errs[0]["row"], 2, "{}", r.text);
+    assert!(
+        errs[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not registered"),
+        "{}",
+        r.text
+    );
+    let c = s
+        .get(&muni(&s), "/fhir/Coverage?beneficiary=Patient/p1")
+        .await;
+    assert_eq!(c.entries().len(), 2, "{}", c.text);
     // a clinic cannot register recipients
     let clerk = s.token(CLINIC, OrgKind::Clinic, Role::Clerk);
     let r = s

@@ -379,9 +379,18 @@ fn date_cond(b: &mut B, lo: &str, hi: &str, m: &DateMatch) {
     let (plo, phi) = (m.lo, m.hi);
     match m.prefix {
         Prefix::Eq => {
+            // `lo <= phi` follows from `lo <= hi <= phi` for every well-formed
+            // range; stated, it bounds the index range scan on (lo, hi) from
+            // both sides, so `birthdate=D` reads that day's rows, not every row
+            // from D onwards. (A stored range with lo > hi, an invalid Period,
+            // never matches `eq`.)
             b.s(lo)
                 .s(" >= ")
                 .int(plo)
+                .s(" AND ")
+                .s(lo)
+                .s(" <= ")
+                .int(phi)
                 .s(" AND ")
                 .s(hi)
                 .s(" <= ")

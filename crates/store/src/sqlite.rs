@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use rusqlite::config::DbConfig;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
@@ -27,6 +28,23 @@ const STATEMENT_CACHE: usize = 256;
 const MAX_READERS: usize = 16;
 /// How long a connection waits for a lock held by another process before failing.
 const BUSY_TIMEOUT_MS: u32 = 10_000;
+
+/// Settings every connection gets. The query planner stability guarantee
+/// (QPSG) makes a statement's plan independent of the values bound to it.
+/// Without it, SQLite (built with STAT4, as rusqlite bundles it) marks cached
+/// statements as plan-dependent on their parameters, and rusqlite's statement
+/// cache clears the bindings when a statement is returned, which expires it: every
+/// reuse of a cached statement was re-prepared (measured: each primary-key read
+/// of the write path re-parsed and re-planned its SQL, 11-16 % of an import's
+/// CPU). The search SQL steers the planner itself and the store runs no
+/// ANALYZE, so no plan depended on bound values anyway
+/// (`tests/sqlite_plans.rs` guards the plans).
+fn configure(c: &Connection) -> FhirResult<()> {
+    c.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(db_err)?;
+    c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
 
 /// The embedded store.
 pub struct SqliteStore {
@@ -78,7 +96,7 @@ impl SqliteStore {
             ))
             .map_err(db_err)?;
         // room for every static statement plus the recent search shapes
-        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        configure(&writer)?;
         migrate(&writer)?;
         let store = SqliteStore {
             path: path.to_path_buf(),
@@ -106,7 +124,7 @@ impl SqliteStore {
              PRAGMA cache_size = -32768;"
         ))
         .map_err(db_err)?;
-        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        configure(&c)?;
         Ok(c)
     }
 
@@ -296,16 +314,36 @@ impl Ops for SqliteOps<'_> {
     }
 }
 
-const INSERT_STRING: &str =
-    "INSERT INTO idx_string (rid, rt, param, norm, exact) VALUES (?1, ?2, ?3, ?4, ?5)";
-const INSERT_TOKEN: &str =
-    "INSERT INTO idx_token (rid, rt, param, system, code) VALUES (?1, ?2, ?3, ?4, ?5)";
-const INSERT_DATE: &str =
-    "INSERT INTO idx_date (rid, rt, param, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5)";
-const INSERT_NUMBER: &str =
-    "INSERT INTO idx_number (rid, rt, param, value, system, code) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-const INSERT_REFERENCE: &str = "INSERT INTO idx_reference (rid, rt, param, target_type, target_id) VALUES (?1, ?2, ?3, ?4, ?5)";
-const INSERT_URI: &str = "INSERT INTO idx_uri (rid, rt, param, value) VALUES (?1, ?2, ?3, ?4)";
+/// Index tables with their column lists and column counts, in the order of
+/// [`index_table`].
+const INDEX_INSERT: [(&str, usize); 6] = [
+    ("idx_string (rid, rt, param, norm, exact)", 5),
+    ("idx_token (rid, rt, param, system, code)", 5),
+    ("idx_date (rid, rt, param, lo, hi)", 5),
+    ("idx_number (rid, rt, param, value, system, code)", 6),
+    ("idx_reference (rid, rt, param, target_type, target_id)", 5),
+    ("idx_uri (rid, rt, param, value)", 4),
+];
+/// Rows per multi-row index `INSERT` (bounds the distinct cached statements).
+const INDEX_ROWS_PER_INSERT: usize = 8;
+
+fn index_table(v: &IndexValue) -> usize {
+    match v {
+        IndexValue::String { .. } => 0,
+        IndexValue::Token { .. } => 1,
+        IndexValue::Date { .. } => 2,
+        IndexValue::Number { .. } | IndexValue::Quantity { .. } => 3,
+        IndexValue::Reference { .. } => 4,
+        IndexValue::Uri(_) => 5,
+    }
+}
+
+/// `INSERT INTO table (cols) VALUES (?, ..), (?, ..)` for `rows` rows.
+fn multi_row_insert(table: &str, columns: usize, rows: usize) -> String {
+    let one = format!("({})", vec!["?"; columns].join(", "));
+    format!("INSERT INTO {table} VALUES {}", vec![one; rows].join(", "))
+}
+
 const CLEAR_INDEX: [&str; 6] = [
     "DELETE FROM idx_string WHERE rid = ?1",
     "DELETE FROM idx_token WHERE rid = ?1",
@@ -421,54 +459,61 @@ impl TxOps for SqliteOps<'_> {
         Ok(())
     }
 
+    /// One multi-row `INSERT` per index table (up to [`INDEX_ROWS_PER_INSERT`]
+    /// rows each) instead of one statement per entry: a resource's entries
+    /// cost a few statement executions, not one each.
     fn insert_index(&mut self, rid: i64, rt: &str, entries: &[IndexEntry]) -> FhirResult<()> {
-        for e in entries {
-            let p = e.param.as_str();
-            match &e.value {
-                IndexValue::String { norm, exact } => self
-                    .conn
-                    .prepare_cached(INSERT_STRING)
+        for (t, (table, columns)) in INDEX_INSERT.iter().enumerate() {
+            let of_table: Vec<&IndexEntry> = entries
+                .iter()
+                .filter(|e| index_table(&e.value) == t)
+                .collect();
+            for chunk in of_table.chunks(INDEX_ROWS_PER_INSERT) {
+                let mut values: Vec<rusqlite::types::Value> =
+                    Vec::with_capacity(chunk.len() * columns);
+                for e in chunk {
+                    use rusqlite::types::Value as V;
+                    let text = |s: &str| V::Text(s.to_string());
+                    let opt = |s: &Option<String>| s.as_deref().map_or(V::Null, text);
+                    values.push(V::Integer(rid));
+                    values.push(text(rt));
+                    values.push(text(&e.param));
+                    match &e.value {
+                        IndexValue::String { norm, exact } => {
+                            values.extend([text(norm), text(exact)]);
+                        }
+                        IndexValue::Token { system, code } => {
+                            values.extend([opt(system), text(code)]);
+                        }
+                        IndexValue::Date { lo, hi } => {
+                            values.extend([V::Integer(*lo), V::Integer(*hi)]);
+                        }
+                        IndexValue::Number { value } => {
+                            values.extend([V::Real(*value), V::Null, V::Null]);
+                        }
+                        IndexValue::Quantity {
+                            value,
+                            system,
+                            code,
+                        } => {
+                            values.extend([V::Real(*value), opt(system), opt(code)]);
+                        }
+                        IndexValue::Reference {
+                            target_type,
+                            target_id,
+                        } => {
+                            values.extend([opt(target_type), text(target_id)]);
+                        }
+                        IndexValue::Uri(u) => values.push(text(u)),
+                    }
+                }
+                let sql = multi_row_insert(table, *columns, chunk.len());
+                self.conn
+                    .prepare_cached(&sql)
                     .map_err(db_err)?
-                    .execute(params![rid, rt, p, norm, exact]),
-                IndexValue::Token { system, code } => self
-                    .conn
-                    .prepare_cached(INSERT_TOKEN)
-                    .map_err(db_err)?
-                    .execute(params![rid, rt, p, system, code]),
-                IndexValue::Date { lo, hi } => self
-                    .conn
-                    .prepare_cached(INSERT_DATE)
-                    .map_err(db_err)?
-                    .execute(params![rid, rt, p, lo, hi]),
-                IndexValue::Number { value } => self
-                    .conn
-                    .prepare_cached(INSERT_NUMBER)
-                    .map_err(db_err)?
-                    .execute(params![rid, rt, p, value, None::<&str>, None::<&str>]),
-                IndexValue::Quantity {
-                    value,
-                    system,
-                    code,
-                } => self
-                    .conn
-                    .prepare_cached(INSERT_NUMBER)
-                    .map_err(db_err)?
-                    .execute(params![rid, rt, p, value, system, code]),
-                IndexValue::Reference {
-                    target_type,
-                    target_id,
-                } => self
-                    .conn
-                    .prepare_cached(INSERT_REFERENCE)
-                    .map_err(db_err)?
-                    .execute(params![rid, rt, p, target_type, target_id]),
-                IndexValue::Uri(u) => self
-                    .conn
-                    .prepare_cached(INSERT_URI)
-                    .map_err(db_err)?
-                    .execute(params![rid, rt, p, u]),
+                    .execute(rusqlite::params_from_iter(values))
+                    .map_err(db_err)?;
             }
-            .map_err(db_err)?;
         }
         Ok(())
     }

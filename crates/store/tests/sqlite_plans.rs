@@ -3,7 +3,9 @@
 //! keeps doing so (an index lookup drives, no type-wide scan).
 
 use serde_json::json;
-use tsunagi_fhir::search::{Criterion, Include, RefMatch, SearchQuery, StringMode, TokenMatch};
+use tsunagi_fhir::search::{
+    Criterion, DateMatch, Include, Prefix, RefMatch, SearchQuery, StringMode, TokenMatch,
+};
 use tsunagi_store::sql::{self, Built, Dialect, SqlValue};
 use tsunagi_store::sqlite::SqliteStore;
 use tsunagi_store::{Scope, ScopeRule, Store};
@@ -110,6 +112,28 @@ fn hot_searches_are_driven_by_an_index() {
     );
     assert!(
         p.contains(lookup) && p.contains("idx_string_value") && no_scan(&p),
+        "{p}"
+    );
+
+    // birth date equality (person matching): the date index range is bounded on
+    // both sides, not read from the day onwards
+    let (lo, hi) = tsunagi_fhir::datetime::parse_range("1980-04-01").unwrap();
+    let born = SearchQuery::new("Patient").with(
+        "birthdate",
+        Criterion::Date(vec![DateMatch {
+            prefix: Prefix::Eq,
+            lo,
+            hi,
+        }]),
+    );
+    let p = plan(
+        &c,
+        &sql::search_page(d, &born, &Scope::Unrestricted).unwrap(),
+    );
+    assert!(
+        p.contains(lookup)
+            && p.contains("idx_date_value (rt=? AND param=? AND lo>? AND lo<?)")
+            && no_scan(&p),
         "{p}"
     );
 
