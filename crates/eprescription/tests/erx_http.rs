@@ -20,8 +20,7 @@ const WARFARIN: &str = "3332001F1028";
 const INTERACTING: &str = "2171022F1022"; // listed with warfarin below
 const LOXOPROFEN: &str = "1149019F1560";
 const PHARMACY_2: &str = "1340333331";
-/// An insurer number with a valid check digit (the eligibility lookup checks it).
-const INS: &str = "06130017";
+const INS: &str = tsunagi_testkit::INSURER;
 
 fn shared(rel: &str) -> std::path::PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")).join(rel)

@@ -207,7 +207,7 @@ mod tests {
         );
         assert!(
             !policy
-                .decide(&m, &req(Operation::Update, "Coverage", Some("06130014")))
+                .decide(&m, &req(Operation::Update, "Coverage", Some("06130017")))
                 .is_permit()
         );
         for clinical in [

@@ -223,7 +223,7 @@ pub fn run_pmh(args: PmhArgs) -> anyhow::Result<i32> {
             )?;
             let ps = &GEN_PROGRAMMES[..programmes.clamp(1, GEN_PROGRAMMES.len())];
             for i in first..first + persons {
-                let r = tsunagi_eligibility::bulk::synth::row(i, "06130014");
+                let r = tsunagi_eligibility::bulk::synth::row(i, "06130017");
                 let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
                 for (code, law) in ps {
                     writeln!(

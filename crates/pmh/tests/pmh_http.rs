@@ -394,9 +394,8 @@ async fn one_card_returns_insurance_and_subsidies(backend: Backend) {
     want.sort();
     assert_eq!(payers, want);
 
-    // $eligibility (資格確認書 path) carries them too (an insurer with a valid
-    // 保険者番号: the harness's INSURER constant fails the check digit)
-    let insurer = "06130017";
+    // $eligibility (資格確認書 path) carries them too
+    let insurer = tsunagi_testkit::INSURER;
     s.put(
         "Coverage",
         "p1-cov2",

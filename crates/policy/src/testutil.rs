@@ -42,6 +42,9 @@ impl Store for FakeStore {
     fn search(&self, _: &SearchQuery, _: &Scope) -> FhirResult<SearchResult> {
         unsupported()
     }
+    fn scan(&self, _: &str, _: Option<&str>, _: usize) -> FhirResult<Vec<StoredResource>> {
+        unsupported()
+    }
     fn patient_compartment(
         &self,
         _: &str,

@@ -25,8 +25,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde_json::{Value, json};
 use tsunagi_fhir::index::compartment_patient;
-use tsunagi_fhir::search::{ParamType, SearchQuery, SortKey};
-use tsunagi_store::{Scope, Store};
+use tsunagi_store::Store;
 
 use crate::linkage::LinkageKey;
 use crate::optout::OptOutSnapshot;
@@ -486,21 +485,14 @@ pub fn run(
     let snapshot_id = snapshot.id.clone();
     let mut ex = Extractor::new(cfg, key, snapshot)?;
     for def in TABLES {
-        let mut offset = 0;
+        // keyset pages in id order: each page costs the same at any depth
+        let mut after: Option<String> = None;
         loop {
-            let mut q = SearchQuery::new(def.resource_type);
-            q.sort = vec![SortKey {
-                param: "_id".into(),
-                param_type: ParamType::Token,
-                descending: false,
-            }];
-            q.count = PAGE;
-            q.offset = offset;
             let page = store
-                .search(&q, &Scope::Unrestricted)
+                .scan(def.resource_type, after.as_deref(), PAGE)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", def.resource_type))?;
-            let n = page.matches.len();
-            for s in &page.matches {
+            let n = page.len();
+            for s in &page {
                 let Some(r) = &s.resource else { continue };
                 let person = if def.resource_type == "Patient" {
                     Some(s.id.clone())
@@ -515,7 +507,7 @@ pub fn run(
             if n < PAGE {
                 break;
             }
-            offset += n;
+            after = page.last().map(|s| s.id.clone());
         }
     }
     let report = ex.finish(&format!("tsunagi primary store ({})", store.backend()))?;

@@ -305,19 +305,8 @@ impl Engine {
     }
 
     pub async fn search(&self, ctx: &Ctx, query: SearchQuery) -> FhirResult<SearchResult> {
-        check_type(&query.resource_type)?;
-        let scope = self.scope(ctx, &query.resource_type).await?;
-        let store = self.store.clone();
-        let started = std::time::Instant::now();
-        let result = blocking(move || store.search(&query, &scope)).await?;
-        metrics::histogram!("tsunagi_search_seconds").record(started.elapsed().as_secs_f64());
-        let touched: Vec<&StoredResource> = result
-            .matches
-            .iter()
-            .chain(result.included.iter())
-            .collect();
-        self.audit_reads(ctx, Operation::Search, &touched).await?;
-        Ok(result)
+        self.scoped_search(ctx, query, |store, q, scope| store.search(q, scope))
+            .await
     }
 
     /// [`Engine::search`] keeping only the newest matches per group
@@ -329,11 +318,25 @@ impl Engine {
         query: SearchQuery,
         latest: LatestPer,
     ) -> FhirResult<SearchResult> {
+        self.scoped_search(ctx, query, move |store, q, scope| {
+            store.search_latest(q, scope, &latest)
+        })
+        .await
+    }
+
+    /// Runs `run` under the caller's scope from the policy and audits every
+    /// resource it returns (matches and includes).
+    async fn scoped_search(
+        &self,
+        ctx: &Ctx,
+        query: SearchQuery,
+        run: impl FnOnce(&dyn Store, &SearchQuery, &Scope) -> FhirResult<SearchResult> + Send + 'static,
+    ) -> FhirResult<SearchResult> {
         check_type(&query.resource_type)?;
         let scope = self.scope(ctx, &query.resource_type).await?;
         let store = self.store.clone();
         let started = std::time::Instant::now();
-        let result = blocking(move || store.search_latest(&query, &scope, &latest)).await?;
+        let result = blocking(move || run(&*store, &query, &scope)).await?;
         metrics::histogram!("tsunagi_search_seconds").record(started.elapsed().as_secs_f64());
         let touched: Vec<&StoredResource> = result
             .matches

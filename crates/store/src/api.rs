@@ -245,6 +245,16 @@ pub trait Store: Send + Sync + 'static {
         ))
     }
 
+    /// Up to `limit` current (not deleted) resources of one type in id order,
+    /// starting after `after_id`: a bulk reader's keyset pages (exports,
+    /// research extraction), unscoped, so only operator tools call it.
+    fn scan(
+        &self,
+        resource_type: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> FhirResult<Vec<StoredResource>>;
+
     /// Everything in a patient's compartment (current, not deleted), the Patient first,
     /// within the scope, paged by `count`/`offset`.
     fn patient_compartment(

@@ -97,6 +97,7 @@ macro_rules! conformance_tests {
             security_label_scopes,
             purge_removes_everything,
             latest_per_group,
+            scan_keyset_pages,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2178,4 +2179,47 @@ pub fn latest_per_group(h: &dyn Harness) {
         .search_latest(&q, &Scope::AnyOf(vec![]), &latest(1))
         .unwrap();
     assert_eq!((r.matches.len(), r.total), (0, 0));
+}
+
+/// `Store::scan` walks every current resource of one type exactly once, in id
+/// order, page after page; deleted ones and other types are not in it.
+pub fn scan_keyset_pages(h: &dyn Harness) {
+    let s = h.store();
+    let ids_in = ["p07", "p02", "p10", "p05", "p01", "p09", "p03", "gone"];
+    seed(
+        s,
+        "A",
+        ids_in
+            .iter()
+            .map(|id| ("Patient", *id, patient(id, "Yamada", None, "male")))
+            .chain([(
+                "Observation",
+                "o1",
+                observation("p01", "ALB", "2025-01-01", 3.9, "g/dL"),
+            )])
+            .collect(),
+    );
+    let mut tx = s.begin().unwrap();
+    tx.delete("Patient", "gone", None, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = s.scan("Patient", after.as_deref(), 3).unwrap();
+        pages += 1;
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().map(|r| r.id.clone()));
+        assert!(
+            page.iter()
+                .all(|r| r.resource_type == "Patient" && r.resource.is_some())
+        );
+        if page.len() < 3 {
+            break;
+        }
+        after = page.last().map(|r| r.id.clone());
+    }
+    assert_eq!(seen, ["p01", "p02", "p03", "p05", "p07", "p09", "p10"]);
+    assert_eq!(pages, 3);
+    assert!(s.scan("Patient", Some("p10"), 3).unwrap().is_empty());
 }

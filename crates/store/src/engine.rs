@@ -373,6 +373,17 @@ pub(crate) fn search<O: Ops + ?Sized>(
     })
 }
 
+/// One keyset page of [`crate::api::Store::scan`].
+pub(crate) fn scan<O: Ops + ?Sized>(
+    o: &mut O,
+    resource_type: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> FhirResult<Vec<StoredResource>> {
+    let q = sql::scan(o.dialect(), resource_type, after, limit);
+    Ok(o.rows(&q)?.into_iter().map(|r| r.res).collect())
+}
+
 /// A search keeping the newest matches per group ([`crate::api::LatestPer`]).
 pub(crate) fn search_latest<O: Ops + ?Sized>(
     o: &mut O,

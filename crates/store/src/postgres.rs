@@ -705,6 +705,15 @@ impl Store for PgStore {
         self.with_conn(|o| engine::search_latest(o, query, scope, latest))
     }
 
+    fn scan(
+        &self,
+        resource_type: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> FhirResult<Vec<StoredResource>> {
+        self.with_conn(|o| engine::scan(o, resource_type, after_id, limit))
+    }
+
     fn patient_compartment(
         &self,
         patient_id: &str,

@@ -773,6 +773,21 @@ pub fn search_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Bui
     Ok(b.done())
 }
 
+/// Current, not deleted resources of one type in id order, after `after`
+/// (keyset paging: each page costs the same however far the scan has gone).
+pub fn scan(d: Dialect, resource_type: &str, after: Option<&str>, limit: usize) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT ").s(RESOURCE_COLUMNS).s(FROM_CURRENT);
+    b.s(" WHERE r.rt = ")
+        .text(resource_type)
+        .s(" AND r.deleted = FALSE");
+    if let Some(a) = after {
+        b.s(" AND r.id > ").text(a);
+    }
+    b.s(" ORDER BY r.id ASC LIMIT ").int(to_i64(limit));
+    b.done()
+}
+
 /// `SELECT COUNT(*)` of all matches (no paging).
 pub fn search_count(d: Dialect, q: &SearchQuery, scope: &Scope) -> Built {
     let mut b = B::new(d);

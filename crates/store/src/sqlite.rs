@@ -734,6 +734,15 @@ impl Store for SqliteStore {
         self.with_reader(|o| engine::search_latest(o, query, scope, latest))
     }
 
+    fn scan(
+        &self,
+        resource_type: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> FhirResult<Vec<StoredResource>> {
+        self.with_reader(|o| engine::scan(o, resource_type, after_id, limit))
+    }
+
     fn patient_compartment(
         &self,
         patient_id: &str,

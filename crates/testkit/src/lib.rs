@@ -42,8 +42,8 @@ pub const HOSP_B: &str = "2710987658";
 pub const CLINIC: &str = "1310543216";
 /// A pharmacy in Tokyo.
 pub const PHARMACY: &str = "1340222228";
-/// The insurer that writes coverage.
-pub const INSURER: &str = "06130014";
+/// The insurer that writes coverage (保険者番号 with a valid check digit).
+pub const INSURER: &str = "06130017";
 /// A municipality (Chiyoda, Tokyo) and its public health centre.
 pub const MUNICIPALITY: &str = "131016";
 pub const MINISTRY: &str = "mhlw";
