@@ -238,12 +238,7 @@ pub trait Store: Send + Sync + 'static {
         query: &SearchQuery,
         scope: &Scope,
         latest: &LatestPer,
-    ) -> FhirResult<SearchResult> {
-        let _ = (query, scope, latest);
-        Err(tsunagi_fhir::FhirError::not_supported(
-            "this backend does not support latest-per-group searches",
-        ))
-    }
+    ) -> FhirResult<SearchResult>;
 
     /// Up to `limit` current (not deleted) resources of one type in id order,
     /// starting after `after_id`: a bulk reader's keyset pages (exports,
