@@ -16,9 +16,8 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
-use tsunagi_fhir::search::SearchQuery;
 use tsunagi_server::ServerConfig;
-use tsunagi_store::{Scope, Store};
+use tsunagi_store::Store;
 
 use crate::extract::{self, ExtractConfig, valid_dataset_id};
 use crate::linkage::LinkageKey;
@@ -137,31 +136,12 @@ pub fn link(
 ) -> anyhow::Result<usize> {
     let optout = OptOutSnapshot::take(store).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut persons = Vec::new();
-    let mut offset = 0;
-    loop {
-        let mut q = SearchQuery::new("Patient");
-        q.count = 1000;
-        q.offset = offset;
-        q.sort = vec![tsunagi_fhir::search::SortKey {
-            param: "_id".into(),
-            param_type: tsunagi_fhir::search::ParamType::Token,
-            descending: false,
-        }];
-        let page = store
-            .search(&q, &Scope::Unrestricted)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let n = page.matches.len();
-        persons.extend(
-            page.matches
-                .into_iter()
-                .map(|s| s.id)
-                .filter(|id| !optout.persons.contains(id)),
-        );
-        if n < 1000 {
-            break;
+    extract::each_current(store, "Patient", |s| {
+        if !optout.persons.contains(&s.id) {
+            persons.push(s.id);
         }
-        offset += n;
-    }
+        Ok(())
+    })?;
     let mut fields = vec![Field::new("link_id", DataType::Utf8, false)];
     fields.extend(
         datasets

@@ -25,7 +25,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde_json::{Value, json};
 use tsunagi_fhir::index::compartment_patient;
-use tsunagi_store::Store;
+use tsunagi_store::{Store, StoredResource};
 
 use crate::linkage::LinkageKey;
 use crate::optout::OptOutSnapshot;
@@ -469,6 +469,29 @@ impl<'k> Extractor<'k> {
     }
 }
 
+/// Calls `f` with every current resource of `resource_type`, in id order, read
+/// in keyset pages ([`Store::scan`]) so each page costs the same at any depth.
+pub(crate) fn each_current(
+    store: &dyn Store,
+    resource_type: &str,
+    mut f: impl FnMut(StoredResource) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .scan(resource_type, after.as_deref(), PAGE)
+            .map_err(|e| anyhow::anyhow!("reading {resource_type}: {e}"))?;
+        let n = page.len();
+        after = page.last().map(|s| s.id.clone());
+        for s in page {
+            f(s)?;
+        }
+        if n < PAGE {
+            return Ok(());
+        }
+    }
+}
+
 /// Runs a full extraction from the primary store: takes the opt-out snapshot,
 /// pages every extracted type (current versions, read-only), writes the dataset
 /// and appends one `research-extraction` record to the primary audit trail.
@@ -485,30 +508,19 @@ pub fn run(
     let snapshot_id = snapshot.id.clone();
     let mut ex = Extractor::new(cfg, key, snapshot)?;
     for def in TABLES {
-        // keyset pages in id order: each page costs the same at any depth
-        let mut after: Option<String> = None;
-        loop {
-            let page = store
-                .scan(def.resource_type, after.as_deref(), PAGE)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", def.resource_type))?;
-            let n = page.len();
-            for s in &page {
-                let Some(r) = &s.resource else { continue };
-                let person = if def.resource_type == "Patient" {
-                    Some(s.id.clone())
-                } else {
-                    compartment_patient(def.resource_type, r)
-                };
-                // Resources of no person are not personal data for a person-level extract.
-                if let Some(p) = person {
-                    ex.push(def.resource_type, &p, r)?;
-                }
+        each_current(store, def.resource_type, |s| {
+            let Some(r) = &s.resource else { return Ok(()) };
+            let person = if def.resource_type == "Patient" {
+                Some(s.id.clone())
+            } else {
+                compartment_patient(def.resource_type, r)
+            };
+            // Resources of no person are not personal data for a person-level extract.
+            if let Some(p) = person {
+                ex.push(def.resource_type, &p, r)?;
             }
-            if n < PAGE {
-                break;
-            }
-            after = page.last().map(|s| s.id.clone());
-        }
+            Ok(())
+        })?;
     }
     let report = ex.finish(&format!("tsunagi primary store ({})", store.backend()))?;
     let rec = json!({
