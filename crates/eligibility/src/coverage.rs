@@ -230,7 +230,28 @@ pub struct Registration {
 
 /// `保険者番号:記号:番号:枝番`.
 pub fn member_key(insurer: &str, symbol: &str, number: &str, branch: &str) -> String {
+    let (insurer, symbol, number, branch) = (
+        fold_width(insurer),
+        fold_width(symbol),
+        fold_width(number),
+        fold_width(branch),
+    );
     format!("{insurer}:{symbol}:{number}:{branch}")
+}
+
+/// Full-width ASCII (全角英数字, U+FF01–U+FF5E) and the ideographic space folded
+/// to their half-width forms: 記号 and 番号 reach the platform both ways (a card
+/// prints `６７８９０`, a receipt system sends `67890`) and are one member.
+/// Kanji and kana in a 記号 are kept as they are.
+pub fn fold_width(s: &str) -> String {
+    s.trim()
+        .chars()
+        .map(|c| match c {
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '\u{3000}' => ' ',
+            c => c,
+        })
+        .collect()
 }
 
 fn hashed_id(prefix: &str, kind: &str, key: &str) -> String {
@@ -989,6 +1010,19 @@ pub fn coverage_state(c: &Value, on: NaiveDate) -> CoverageState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn member_key_folds_full_width_ascii_only() {
+        assert_eq!(
+            super::member_key("06130017", "１２３４５", "６７８９０", "０１"),
+            "06130017:12345:67890:01"
+        );
+        // kanji in a 記号 stay; the ideographic space becomes a space
+        assert_eq!(
+            super::member_key("06130017", "東京　Ａ", "1", "00"),
+            "06130017:東京 A:1:00"
+        );
+    }
+
     use super::*;
 
     fn fields(over: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -88,7 +88,12 @@ impl EligibilityQuery {
             ));
         }
         let m = parameters_map(body);
-        let get = |k: &str| m.get(k).map(|s| s.trim().to_string()).unwrap_or_default();
+        // 全角 digits as printed on a card are the same numbers
+        let get = |k: &str| {
+            m.get(k)
+                .map(|s| crate::coverage::fold_width(s))
+                .unwrap_or_default()
+        };
         let required = |k: &str| {
             let v = get(k);
             if v.is_empty() {

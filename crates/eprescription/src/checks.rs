@@ -80,7 +80,10 @@ pub struct Finding {
 }
 
 /// The checked code of a CodeableConcept: YJ code or 一般名コード; a レセプト電算
-/// code is mapped to its YJ code through the drug master. Returns (code, display).
+/// code is mapped to its YJ code through the drug master, a HOT code (HOT9,
+/// HOT13, HOT7) through the HOT code master. Returns (code, display); the code
+/// is empty when the line cannot be checked (free text, or a code no loaded
+/// master maps), which the caller reports rather than passing silently.
 pub fn checked_code(cc: &Value, terms: &Terminology) -> (String, String) {
     let codings = cc
         .get("coding")
@@ -102,11 +105,27 @@ pub fn checked_code(cc: &Value, terms: &Terminology) -> (String, String) {
         {
             return (code.to_string(), display);
         }
+        if fallback.is_some() {
+            continue;
+        }
         if systems::DRUG_RECEIPT.contains(&sys)
             && let Some(d) = terms.drug(code)
             && yj::ingredient(&d.yj_code).is_some()
         {
             fallback = Some((d.yj_code.clone(), d.name.clone()));
+        } else if systems::HOT9.contains(&sys)
+            || systems::HOT13.contains(&sys)
+            // JP Core lists the claims-code OID under HOT9 as well; HOT9 codes start
+            // with 1, claims codes with 6, so the two cannot be confused
+            || systems::DRUG_RECEIPT.contains(&sys)
+        {
+            if let Some(h) = terms.hot(code) {
+                fallback = Some((h.yj_code.clone(), display));
+            }
+        } else if systems::HOT7.contains(&sys)
+            && let Some(h) = terms.hot7_yj(code)
+        {
+            fallback = Some((h.yj_code.clone(), display));
         }
     }
     fallback.unwrap_or_else(|| {
@@ -245,6 +264,30 @@ pub fn tally(findings: &[Finding]) -> Tally {
         }
     }
     t
+}
+
+/// A DetectedIssue saying that draft line `line` was not checked: it carries
+/// no YJ code or 一般名コード and no loaded master maps its codes. The prescriber
+/// or pharmacist must know, rather than read silence as "no duplicate".
+pub fn render_unchecked(line: usize, d: &Med, today: NaiveDate) -> Value {
+    json!({
+        "resourceType": "DetectedIssue",
+        "status": "preliminary",
+        "code": {"coding": [
+            {"system": crate::model::CODE_SYSTEM, "code": "unchecked", "display": "チェック対象外"},
+        ]},
+        "severity": "low",
+        "identifiedDateTime": today.to_string(),
+        "detail": format!(
+            "チェック対象外: {} (line {}) has no YJ code or 一般名コード that a loaded master maps (HOT codes need the HOT code master: tsunagi masters import --kind hot); not checked for duplicates or contraindications",
+            d.display,
+            line + 1
+        ),
+        "extension": [{
+            "url": "https://tsunagi.dev/fhir/StructureDefinition/eprescription-alert-draft",
+            "valueCodeableConcept": {"text": d.display},
+        }],
+    })
 }
 
 /// Renders a finding as a DetectedIssue (not stored). With `disclose` it names

@@ -2,7 +2,7 @@
 //!
 //! | operation | who | what |
 //! |---|---|---|
-//! | `$erx-prescribe` | doctor, dentist | validate the prescription Bundle, verify the signature, register MedicationRequests + record; returns id and 引換番号 |
+//! | `$erx-prescribe` | doctor, dentist | validate the prescription Bundle, verify the signature, find the patient (parameter or the Bundle's insurance Coverage), register MedicationRequests + record; returns id and 引換番号 |
 //! | `$erx-check` | doctor, dentist, pharmacist | pre-check of draft medications; registers nothing |
 //! | `$erx-cancel` | prescribing institution | registered/returned → cancelled |
 //! | `$erx-retrieve` | pharmacist | the prescription by 引換番号 + patient identity (no lock) |
@@ -542,6 +542,11 @@ pub async fn run_check(
             .or_insert_with(|| may_disclose(state, ctx, patient, f));
         issues.push(checks::render(f, draft, disclose, None, today));
     }
+    for (i, d) in draft.iter().enumerate() {
+        if tsunagi_terminology::yj::ingredient(&d.code).is_none() {
+            issues.push(checks::render_unchecked(i, d, today));
+        }
+    }
     let t = checks::tally(&findings);
     shared.stats.check(&month_of(today), stage, t);
     flush_stats(state, shared);
@@ -671,9 +676,54 @@ fn detach(mr: &mut Value, patient: &str) {
     mr["subject"] = json!({"reference": format!("Patient/{patient}")});
 }
 
-async fn resolve_patient_for_prescribing(state: &AppState, params: &[Value]) -> FhirResult<String> {
-    let p = required(params, "patient")?;
+/// The patient a prescription (or a pre-check) is for: the `patient` parameter,
+/// or the insured person the prescription Bundle's health-insurance Coverage
+/// names. When both are given they must agree.
+async fn resolve_patient_for_prescribing(
+    state: &AppState,
+    params: &[Value],
+    bundle: Option<&Value>,
+) -> FhirResult<String> {
+    let given = string(params, "patient").filter(|p| !p.is_empty());
+    // With an explicit patient, the Coverage only has to agree when it can be
+    // read: a Coverage the platform cannot resolve (an insurer not yet on the
+    // platform, sample numbers) does not stop a prescription for a known patient.
+    let query = match bundle.map(insured_person_query).transpose() {
+        Ok(q) => q.flatten(),
+        Err(_) if given.is_some() => None,
+        Err(e) => return Err(e),
+    };
+    let by_coverage = match query {
+        Some((q, at)) => {
+            let store = state.engine.store.clone();
+            let answer =
+                blocking(move || tsunagi_eligibility::eligibility::lookup(&*store, &q)).await?;
+            Some((answer.patient.map(|p| p.id), at))
+        }
+        None => None,
+    };
+    let Some(p) = given else {
+        return match by_coverage {
+            Some((Some(id), _)) => Ok(id),
+            Some((None, at)) => Err(FhirError::unprocessable(
+                Some(&at),
+                "no insured person on the platform matches this Coverage (保険者番号, 記号, 番号, 枝番) and the Patient's birth date; give the patient parameter or correct the Coverage",
+            )),
+            None => Err(perr(
+                "patient",
+                "patient is required when the prescription carries no health-insurance Coverage",
+            )),
+        };
+    };
     let id = p.strip_prefix("Patient/").unwrap_or(&p).to_string();
+    if let Some((Some(other), at)) = &by_coverage
+        && *other != id
+    {
+        return Err(FhirError::unprocessable(
+            Some(at),
+            format!("this Coverage belongs to another person than Patient/{id}"),
+        ));
+    }
     let store = state.engine.store.clone();
     let id2 = id.clone();
     let exists =
@@ -685,6 +735,107 @@ async fn resolve_patient_for_prescribing(state: &AppState, params: &[Value]) -> 
         ));
     }
     Ok(id)
+}
+
+/// `Coverage.type` code of public expense (公費) in the JP insurance-type table:
+/// such a Coverage names a subsidy, not the insured person.
+const PUBLIC_EXPENSE_TYPE: &str = "8";
+const INSURER_NUMBER_SYSTEM: &str = "urn:oid:1.2.392.100495.20.3.61";
+const EXT_SYMBOL: &str =
+    "http://jpfhir.jp/fhir/core/Extension/StructureDefinition/JP_Coverage_InsuredPersonSymbol";
+const EXT_NUMBER: &str =
+    "http://jpfhir.jp/fhir/core/Extension/StructureDefinition/JP_Coverage_InsuredPersonNumber";
+const EXT_SUB_NUMBER: &str =
+    "http://jpfhir.jp/fhir/core/Extension/StructureDefinition/JP_Coverage_InsuredPersonSubNumber";
+
+/// The `$eligibility` query for the insured person of a prescription Bundle:
+/// 保険者番号 from the payer Organization's identifier, 記号 / 番号 / 枝番 from JP
+/// Core's Coverage extensions (枝番 falls back to `Coverage.dependent`), the birth
+/// date from the beneficiary Patient. `None` when the Bundle has no
+/// health-insurance Coverage (公費 only, or self-pay); an error naming the element
+/// when it has one that lacks a part.
+fn insured_person_query(
+    bundle: &Value,
+) -> FhirResult<Option<(tsunagi_eligibility::eligibility::EligibilityQuery, String)>> {
+    let entries = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let resolve = |reference: Option<&Value>| -> Option<&Value> {
+        let r = reference?.get("reference")?.as_str()?;
+        entries.iter().find_map(|e| {
+            let res = e.get("resource")?;
+            let full = e.get("fullUrl").and_then(Value::as_str);
+            let local = format!(
+                "{}/{}",
+                res.get("resourceType")?.as_str()?,
+                res.get("id").and_then(Value::as_str).unwrap_or("")
+            );
+            (full == Some(r) || local == r).then_some(res)
+        })
+    };
+    let found = entries.iter().enumerate().find_map(|(i, e)| {
+        let r = e.get("resource")?;
+        if r.get("resourceType").and_then(Value::as_str) != Some("Coverage") {
+            return None;
+        }
+        let public = r
+            .pointer("/type/coding")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.iter().any(|c| c["code"] == PUBLIC_EXPENSE_TYPE));
+        (!public).then_some((i, r))
+    });
+    let Some((i, cov)) = found else {
+        return Ok(None);
+    };
+    let at =
+        format!("Parameters.parameter.where(name='prescription').resource.entry[{i}].resource");
+    let missing = |what: &str| FhirError::invalid_element(&at, format!("Coverage: {what}"));
+    let ext = |url: &str| {
+        cov.get("extension")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|e| e["url"] == url)
+            .and_then(|e| e["valueString"].as_str())
+            .map(str::to_string)
+    };
+    let insurer = resolve(cov.pointer("/payor/0"))
+        .and_then(|o| o.get("identifier")?.as_array().cloned())
+        .into_iter()
+        .flatten()
+        .chain(cov.pointer("/payor/0/identifier").cloned())
+        .find(|id| id["system"] == INSURER_NUMBER_SYSTEM)
+        .and_then(|id| id["value"].as_str().map(str::to_string))
+        .ok_or_else(|| missing("the payer Organization carries no 保険者番号 (identifier system urn:oid:1.2.392.100495.20.3.61)"))?;
+    let number = ext(EXT_NUMBER)
+        .ok_or_else(|| missing("no 番号 (extension JP_Coverage_InsuredPersonNumber)"))?;
+    let branch = ext(EXT_SUB_NUMBER)
+        .or_else(|| cov["dependent"].as_str().map(str::to_string))
+        .ok_or_else(|| {
+            missing("no 枝番 (extension JP_Coverage_InsuredPersonSubNumber or dependent)")
+        })?;
+    let birth = resolve(cov.get("beneficiary"))
+        .and_then(|p| p["birthDate"].as_str())
+        .ok_or_else(|| missing("the beneficiary Patient in the Bundle has no birthDate"))?;
+    let mut p = vec![
+        json!({"name": "insurerNumber", "valueString": insurer}),
+        json!({"name": "number", "valueString": number}),
+        json!({"name": "branch", "valueString": branch}),
+        json!({"name": "birthDate", "valueString": birth}),
+    ];
+    if let Some(symbol) = ext(EXT_SYMBOL) {
+        p.push(json!({"name": "symbol", "valueString": symbol}));
+    }
+    let q = tsunagi_eligibility::eligibility::EligibilityQuery::from_parameters(
+        &json!({"resourceType": "Parameters", "parameter": p}),
+    )
+    .map_err(|e| {
+        let why = e.issues.first().map(|i| i.message.as_str()).unwrap_or("");
+        FhirError::invalid_element(&at, format!("Coverage: {why}"))
+    })?;
+    Ok(Some((q, at)))
 }
 
 async fn prescribe(
@@ -735,7 +886,7 @@ async fn prescribe(
         }
         None => {}
     }
-    let patient = resolve_patient_for_prescribing(&state, params).await?;
+    let patient = resolve_patient_for_prescribing(&state, params, Some(&bundle)).await?;
     let today = shared.today();
     let keep_from = today - Duration::days(shared.config.checks.lookback_days);
     let org = ctx.principal.org.clone();
@@ -831,12 +982,15 @@ async fn precheck(
         return Err(deny(&state, &ctx, "erx-check", reason).await.into());
     }
     let params = parameters(&body)?;
-    let patient = resolve_patient_for_prescribing(&state, params).await?;
+    let draft_bundle = resources(params, "prescription", "Bundle")?
+        .first()
+        .copied();
+    let patient = resolve_patient_for_prescribing(&state, params, draft_bundle).await?;
     let mut mrs: Vec<Value> = resources(params, "medicationRequest", "MedicationRequest")?
         .into_iter()
         .cloned()
         .collect();
-    if let Some(b) = resources(params, "prescription", "Bundle")?.first() {
+    if let Some(b) = draft_bundle {
         mrs.extend(bundle_requests(b)?);
     }
     let mds: Vec<Value> = resources(params, "medicationDispense", "MedicationDispense")?

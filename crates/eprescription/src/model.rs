@@ -59,7 +59,7 @@ impl State {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Med {
     /// YJ code or 一般名コード used for the checks; empty when the line has none
-    /// (HOT or free-text only: not checked).
+    /// (free text, or codes no loaded master maps: reported as not checked).
     pub code: String,
     pub display: String,
     /// First day of use (JST).

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Value, json};
 use tsunagi_eprescription::{Clock, Config, EprescriptionService, keys};
 use tsunagi_policy::identity::{OrgKind, Role};
-use tsunagi_terminology::{Interaction, Terminology};
+use tsunagi_terminology::{HotCode, Interaction, Terminology};
 use tsunagi_testkit::*;
 
 const YJ: &str = "urn:oid:1.2.392.100495.20.1.73";
@@ -19,6 +19,11 @@ const NIZATIDINE: &str = "2325005F1020"; // same class 2325
 const WARFARIN: &str = "3332001F1028";
 const INTERACTING: &str = "2171022F1022"; // listed with warfarin below
 const LOXOPROFEN: &str = "1149019F1560";
+const HOT9: &str = "urn:oid:1.2.392.200119.4.403.1";
+/// カルボシステイン錠２５０ｍｇ: the official MedicationRequest example codes the
+/// one line with both, HOT9 `103831601` and YJ `2233002F1280`.
+const CARBOCISTEINE_HOT9: &str = "103831601";
+const CARBOCISTEINE_YJ: &str = "2233002F1280";
 const PHARMACY_2: &str = "1340333331";
 const INS: &str = tsunagi_testkit::INSURER;
 
@@ -32,6 +37,13 @@ fn terms() -> Terminology {
         code_a: "3332001".into(),
         code_b: INTERACTING.into(),
         reason: "抗凝固作用が増強する".into(),
+    }]);
+    // one row of the HOT code master (the importer's own tests read the file layout)
+    t.set_hot(vec![HotCode {
+        hot9: CARBOCISTEINE_HOT9.into(),
+        yj_code: CARBOCISTEINE_YJ.into(),
+        receipt_code: String::new(),
+        name: "カルボシステイン錠２５０ｍｇ".into(),
     }]);
     t
 }
@@ -288,6 +300,153 @@ async fn official_examples_accepted(b: Backend) {
         records, 14,
         "one record per accepted prescription, none for the refused one"
     );
+}
+
+/// The published prescription document names the insured person by its health
+/// insurance Coverage (保険者番号 on the payer, 記号/番号/枝番 in JP Core
+/// extensions, 番号 in full-width digits) and the Patient's birth date: without a
+/// `patient` parameter the platform finds the person from them.
+async fn patient_resolved_from_coverage(b: Backend) {
+    let v = example_validator();
+    let Some(s) = TestServer::start_with(b, options(Config::default()).validator(v)).await else {
+        return;
+    };
+    let dir = shared("fixtures/jp-examples/ePrescriptionData/package");
+    let mut doc: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("Bundle-Bundle-for-JP-MedReq-ePreData-Example01.json")).unwrap(),
+    )
+    .unwrap();
+    // the sample 保険者番号 06123456 fails its check digit; 06123459 is the same
+    // insurer number with a valid one
+    let payer = doc["entry"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|e| e["resource"]["identifier"][0]["value"] == "06123456")
+        .expect("payer Organization");
+    payer["resource"]["identifier"][0]["value"] = json!("06123459");
+    let key = "06123459:12345:67890:01";
+    s.seed_person(
+        "cv1",
+        "東京",
+        "太郎",
+        "1920-02-11",
+        "神奈川県横浜市港区１－２－３",
+    );
+    s.put(
+        "Coverage",
+        "cv1-ins",
+        json!({"resourceType": "Coverage", "id": "cv1-ins", "status": "active",
+            "identifier": [{"system": tsunagi_eligibility::emergency::INSURANCE_MEMBER_SYSTEM, "value": key}],
+            "beneficiary": {"reference": "Patient/cv1"},
+            "payor": [{"reference": "Organization/org-insurer"}]}),
+        "06123459",
+    );
+    person(&s, "other1");
+    let d = doctor(&s, HOSP_A);
+    let prescribe = |p: Vec<Value>| {
+        let d = d.clone();
+        let s = &s;
+        async move { s.post(&d, "/fhir/$erx-prescribe", &params(p)).await }
+    };
+    let r = prescribe(vec![
+        json!({"name": "prescription", "resource": doc.clone()}),
+    ])
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let first = value(&r, "medicationRequest");
+    let stored = s
+        .get(
+            &d,
+            &format!("/fhir/{}", first["reference"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(
+        stored.body["subject"]["reference"], "Patient/cv1",
+        "{}",
+        stored.text
+    );
+
+    // the Coverage and an explicit patient must agree
+    let r = prescribe(vec![
+        json!({"name": "patient", "valueString": "other1"}),
+        json!({"name": "prescription", "resource": doc.clone()}),
+    ])
+    .await;
+    r.refused(422, "resource.entry[3].resource");
+    assert!(r.text.contains("another person"), "{}", r.text);
+
+    // a birth date that does not match finds no one: refused, not guessed
+    let mut wrong = doc.clone();
+    wrong["entry"][1]["resource"]["birthDate"] = json!("1921-02-11");
+    let r = prescribe(vec![json!({"name": "prescription", "resource": wrong})]).await;
+    r.refused(422, "resource.entry[3].resource");
+    assert!(r.text.contains("no insured person"), "{}", r.text);
+
+    // nothing was written by the refused requests
+    let mine = s
+        .get(&s.patient_token("other1"), "/fhir/$my-prescriptions")
+        .await;
+    assert!(mine.entries().is_empty(), "{}", mine.text);
+}
+
+/// A line coded only with a HOT code is checked through the HOT code master; a
+/// line no master maps is reported as not checked instead of passing silently.
+async fn hot_only_lines(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    person(&s, "h1");
+    // (no Coverage in the Bundle and no patient parameter: the patient is asked for)
+    s.post(
+        &doctor(&s, HOSP_B),
+        "/fhir/$erx-prescribe",
+        &params(vec![
+            json!({"name": "prescription", "resource": bundle(vec![mr(LOXOPROFEN, 7)])}),
+        ]),
+    )
+    .await
+    .refused(400, "patient is required");
+    prescribe(&s, HOSP_B, "h1", vec![mr(CARBOCISTEINE_YJ, 14)]).await;
+    let clinic = s.token(CLINIC, OrgKind::Clinic, Role::Doctor);
+    let hot_line = |code: &str| {
+        let mut m = mr(LOXOPROFEN, 7);
+        m["medicationCodeableConcept"] =
+            json!({"coding": [{"system": HOT9, "code": code, "display": "HOT coded"}]});
+        m
+    };
+    let check = |lines: Vec<Value>| {
+        let clinic = clinic.clone();
+        let s = &s;
+        async move {
+            let mut p = vec![json!({"name": "patient", "valueString": "h1"})];
+            p.extend(
+                lines
+                    .into_iter()
+                    .map(|l| json!({"name": "medicationRequest", "resource": l})),
+            );
+            let r = s.post(&clinic, "/fhir/$erx-check", &params(p)).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            r
+        }
+    };
+    // the HOT9 of carbocisteine duplicates the YJ-coded prescription of hospital B
+    assert_eq!(
+        kinds(&check(vec![hot_line(CARBOCISTEINE_HOT9)]).await),
+        ["duplicate"]
+    );
+    // HOT13 (package level) carries the HOT9 in its first nine digits
+    let mut hot13 = hot_line("1038316010101");
+    hot13["medicationCodeableConcept"]["coding"][0]["system"] =
+        json!("urn:oid:1.2.392.200119.4.402.1");
+    assert_eq!(kinds(&check(vec![hot13]).await), ["duplicate"]);
+    // a HOT code the master does not hold: not checked, and said so
+    let r = check(vec![hot_line("106062101")]).await;
+    assert_eq!(kinds(&r), ["unchecked"]);
+    assert!(r.text.contains("チェック対象外"), "{}", r.text);
+    // prescribing the HOT-only line registers it under its YJ code: a later
+    // YJ-coded draft at another institution sees the duplicate
+    prescribe(&s, HOSP_A, "h1", vec![hot_line(CARBOCISTEINE_HOT9)]).await;
+    let r = check(vec![mr(CARBOCISTEINE_YJ, 7)]).await;
+    assert_eq!(kinds(&r), ["duplicate", "duplicate"], "{}", r.text);
 }
 
 // ---------------------------------------------------------------- who may
@@ -684,11 +843,14 @@ fn alerts(r: &Resp) -> Vec<Value> {
 }
 
 fn kinds(r: &Resp) -> Vec<String> {
+    // the service's own alert code is the last coding
     let mut k: Vec<String> = alerts(r)
         .iter()
         .map(|a| {
-            a["code"]["coding"][1]["code"]
-                .as_str()
+            a["code"]["coding"]
+                .as_array()
+                .and_then(|c| c.last())
+                .and_then(|c| c["code"].as_str())
                 .unwrap_or("")
                 .to_string()
         })
@@ -946,6 +1108,8 @@ async fn statistics_audit_and_patient_view(b: Backend) {
 
 both_backends!(
     official_examples_accepted,
+    patient_resolved_from_coverage,
+    hot_only_lines,
     qualification_and_signatures,
     bad_input,
     state_transitions,

@@ -17,7 +17,7 @@ pub struct MastersArgs {
 pub enum MastersCommand {
     /// Import a published master file (Shift_JIS or UTF-8 CSV; JLAC10 also as the IG's CodeSystem JSON).
     Import {
-        /// The master file (e.g. y_ALL20240321.csv, b_20240601.txt, z_20250601.txt, JFAGY_*.csv).
+        /// The master file (e.g. y_ALL20240321.csv, b_20240601.txt, z_20250601.txt, JFAGY_*.csv, MEDIS20260930.TXT for the HOT code master).
         file: PathBuf,
         /// Which master the file is.
         #[arg(long, value_enum)]

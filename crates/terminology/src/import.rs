@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use crate::csv::{decode, split};
 use crate::{
-    Allergen, Disease, Drug, Interaction, LabCode, MasterKind, Modifier, interaction_ingredient,
-    store_dir,
+    Allergen, Disease, Drug, HotCode, Interaction, LabCode, MasterKind, Modifier,
+    interaction_ingredient, store_dir,
 };
 
 /// A row that could not be imported.
@@ -75,6 +75,14 @@ pub fn import_with_progress(
                 header,
                 interaction_row,
             ))?
+        }
+        MasterKind::Hot => {
+            // MEDIS ships the file with a header line of column names.
+            let header = text.lines().next().is_some_and(|l| {
+                l.trim_start_matches(['"', '\u{feff}'])
+                    .starts_with("基準番号")
+            });
+            serde_json::to_value(parse_rows(&text, &mut errors, progress, header, hot_row))?
         }
         MasterKind::Jlac10 => {
             if text.trim_start().starts_with('{') {
@@ -191,6 +199,34 @@ fn drug_row(f: &[String]) -> Result<Drug, String> {
         general_name: f[37].clone(),
         generic: f[16] == "1",
         dosage_form: f[27].clone(),
+    })
+}
+
+fn hot_row(f: &[String]) -> Result<HotCode, String> {
+    cols(f, &[24])?;
+    let base = f[0].trim();
+    if !(digits(base, 9) || digits(base, 13)) {
+        return Err(format!(
+            "column 1 (基準番号（ＨＯＴコード）) must be 9 or 13 digits, found '{base}'"
+        ));
+    }
+    let yj = f[7].trim();
+    if crate::yj::ingredient(yj).is_none() {
+        return Err(format!(
+            "column 8 (個別医薬品コード) must be a 12-character YJ code, found '{yj}'"
+        ));
+    }
+    let receipt = f[8].trim();
+    if !(receipt.is_empty() || digits(receipt, 9)) {
+        return Err(format!(
+            "column 9 (レセプト電算処理システムコード（１）) must be 9 digits or empty, found '{receipt}'"
+        ));
+    }
+    Ok(HotCode {
+        hot9: base[..9].to_string(),
+        yj_code: yj.to_string(),
+        receipt_code: receipt.to_string(),
+        name: f[11].trim().to_string(),
     })
 }
 

@@ -39,6 +39,21 @@ pub mod systems {
         "http://capstandard.jp/iyaku.info/CodeSystem/YJ-code",
         "http://jpfhir.jp/fhir/core/CodeSystem/JP_MedicationCodeYJ_CS",
     ];
+    /// MEDIS 医薬品HOTコード: HOT9 (product + company: what prescriptions carry),
+    /// HOT13 (package level; its first 9 digits are the HOT9) and HOT7 (処方用番号,
+    /// the product regardless of company). URIs from JP Core's NamingSystems.
+    pub const HOT9: &[&str] = &[
+        "urn:oid:1.2.392.200119.4.403.1",
+        "http://jpfhir.jp/fhir/core/CodeSystem/JP_MedicationCodeHOT9_CS",
+    ];
+    pub const HOT13: &[&str] = &[
+        "urn:oid:1.2.392.200119.4.402.1",
+        "http://jpfhir.jp/fhir/core/CodeSystem/JP_MedicationCodeHOT13_CS",
+    ];
+    pub const HOT7: &[&str] = &[
+        "urn:oid:1.2.392.200119.4.403.2",
+        "http://jpfhir.jp/fhir/core/CodeSystem/JP_MedicationCodeHOT7_CS",
+    ];
     /// 一般名処方マスタ code.
     pub const GENERAL_NAME: &[&str] = &[
         "urn:oid:1.2.392.100495.20.1.81",
@@ -77,6 +92,9 @@ pub enum MasterKind {
     /// 併用禁忌 table: pairs of YJ codes (matched on the ingredient part) with a reason;
     /// operator-maintained CSV, see [`Interaction`].
     Interactions,
+    /// MEDIS 医薬品HOTコードマスター (HOT9 or HOT13 file): maps the HOT codes
+    /// prescriptions carry to YJ codes, so HOT-only lines can be checked.
+    Hot,
 }
 
 impl MasterKind {
@@ -88,6 +106,7 @@ impl MasterKind {
             MasterKind::Jlac10 => "jlac10.json",
             MasterKind::Jfagy => "jfagy.json",
             MasterKind::Interactions => "interactions.json",
+            MasterKind::Hot => "hot.json",
         }
     }
 }
@@ -110,6 +129,23 @@ pub struct Drug {
     pub generic: bool,
     /// 剤形: 1 内用, 4 注射, 6 外用, 8 歯科用, 3 その他.
     pub dosage_form: String,
+}
+
+/// One row of the HOT code master, reduced to what the platform uses.
+/// Layout of the MEDIS file (24 columns, header line): 1 基準番号（ＨＯＴコード）
+/// (9 digits in the HOT9 file, 13 in the HOT13 file), 2 処方用番号（ＨＯＴ７）,
+/// 3 会社識別用番号, ..., 7 薬価基準収載医薬品コード, 8 個別医薬品コード (YJ),
+/// 9 レセプト電算処理システムコード（１）, 12 販売名, ..., 23 更新区分, 24 更新年月日.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HotCode {
+    /// HOT9 (the first 9 digits of the 基準番号).
+    pub hot9: String,
+    /// 個別医薬品コード (YJ, 12 characters).
+    pub yj_code: String,
+    /// レセプト電算処理システムコード (9 digits), empty when none.
+    pub receipt_code: String,
+    /// 販売名.
+    pub name: String,
 }
 
 /// One row of the disease-name master.
@@ -260,6 +296,8 @@ pub struct Terminology {
     allergens: HashMap<String, Allergen>,
     /// Contraindicated pairs keyed by (smaller, larger) ingredient (7 digits).
     interactions: HashMap<(String, String), Interaction>,
+    /// HOT9 → row.
+    hot: HashMap<String, HotCode>,
     loaded: Vec<MasterKind>,
 }
 
@@ -281,6 +319,7 @@ impl Terminology {
             MasterKind::Jlac10,
             MasterKind::Jfagy,
             MasterKind::Interactions,
+            MasterKind::Hot,
         ] {
             let p = dir.join(kind.file_name());
             if !p.is_file() {
@@ -295,6 +334,7 @@ impl Terminology {
                 MasterKind::Jlac10 => t.set_lab(serde_json::from_slice(&bytes)?),
                 MasterKind::Jfagy => t.set_allergens(serde_json::from_slice(&bytes)?),
                 MasterKind::Interactions => t.set_interactions(serde_json::from_slice(&bytes)?),
+                MasterKind::Hot => t.set_hot(serde_json::from_slice(&bytes)?),
             }
         }
         Ok(t)
@@ -388,6 +428,39 @@ impl Terminology {
     // ------------------------------------------------------------ direct lookups
 
     /// Drug by レセプト電算コード.
+    pub fn set_hot(&mut self, rows: Vec<HotCode>) {
+        self.hot = rows.into_iter().map(|h| (h.hot9.clone(), h)).collect();
+        self.mark(MasterKind::Hot);
+    }
+
+    /// The HOT master row of a HOT9 or HOT13 code (HOT13's first 9 digits).
+    pub fn hot(&self, code: &str) -> Option<&HotCode> {
+        let hot9 = match code.len() {
+            9 | 13 if code.bytes().all(|b| b.is_ascii_digit()) => &code[..9],
+            _ => return None,
+        };
+        self.hot.get(hot9)
+    }
+
+    /// The YJ code of a HOT7 (処方用番号): the product regardless of company. Its
+    /// HOT9 rows may carry different YJ codes (brands and generics sharing one
+    /// 処方用番号 are rare but exist); only an answer all of them agree on the
+    /// ingredient of is given, so a check never rests on a guess.
+    pub fn hot7_yj(&self, hot7: &str) -> Option<&HotCode> {
+        if !(hot7.len() == 7 && hot7.bytes().all(|b| b.is_ascii_digit())) {
+            return None;
+        }
+        let mut found: Option<&HotCode> = None;
+        for h in self.hot.values().filter(|h| h.hot9.starts_with(hot7)) {
+            match found {
+                None => found = Some(h),
+                Some(f) if yj::ingredient(&f.yj_code) == yj::ingredient(&h.yj_code) => {}
+                Some(_) => return None,
+            }
+        }
+        found
+    }
+
     pub fn drug(&self, receipt_code: &str) -> Option<&Drug> {
         self.drugs.get(receipt_code)
     }
@@ -497,6 +570,8 @@ impl Terminology {
             MasterKind::Jlac10
         } else if system == systems::JFAGY_FOOD || system == systems::JFAGY_NON_FOOD {
             MasterKind::Jfagy
+        } else if systems::HOT9.contains(&system) || systems::HOT13.contains(&system) {
+            MasterKind::Hot
         } else {
             return None;
         };
@@ -609,6 +684,22 @@ impl Terminology {
                 }
                 Some(r(&a.term, vec![("english", &a.english), ("kana", &a.kana)]))
             }
+            MasterKind::Hot => {
+                // HOT13 codes must be 13 digits, HOT9 codes 9
+                let want = if systems::HOT13.contains(&system) {
+                    13
+                } else {
+                    9
+                };
+                if code.len() != want {
+                    return None;
+                }
+                let h = self.hot(code)?;
+                Some(r(
+                    &h.name,
+                    vec![("yjCode", &h.yj_code), ("receiptCode", &h.receipt_code)],
+                ))
+            }
             // no code system: the table is consulted by the e-prescription checks
             MasterKind::Interactions => None,
         }
@@ -665,6 +756,7 @@ impl Terminology {
                 MasterKind::Jlac10 => "JP-CLINS JLAC10 lab item set",
                 MasterKind::Jfagy => "J-FAGY allergen code table",
                 MasterKind::Interactions => "interactions table (併用禁忌)",
+                MasterKind::Hot => "HOT code master",
             }
             .to_string(),
         )
@@ -672,8 +764,11 @@ impl Terminology {
 
     /// Whether an unknown code in `system` should be an error (true) or only a
     /// warning: YJ codes are published outside the claims master, which lags
-    /// behind, so an unknown YJ code is only a warning.
+    /// behind, so an unknown YJ code is only a warning. The same holds for HOT
+    /// codes: MEDIS publishes new ones monthly, before a node imports them.
     pub fn strict_system(system: &str) -> bool {
-        !systems::YJ.contains(&system)
+        !(systems::YJ.contains(&system)
+            || systems::HOT9.contains(&system)
+            || systems::HOT13.contains(&system))
     }
 }

@@ -296,3 +296,59 @@ fn interactions_table() {
     );
     assert!(t.interaction("3332001F1028", "2325003B2029").is_none());
 }
+
+/// `masters import --kind hot`: MEDIS's HOT code master (24 columns, header line,
+/// Shift_JIS as distributed), HOT9 or HOT13 in column 1; lookups by HOT9, HOT13
+/// and HOT7 give the YJ code. The two rows are the master's layout with the
+/// HOT9 → YJ pair the e-prescription IG's own example carries.
+#[test]
+fn hot_code_master() {
+    let d = tmp("hot");
+    let header = "\"基準番号（ＨＯＴコード）\",\"処方用番号（ＨＯＴ７）\",\"会社識別用番号\",\"調剤用番号\",\"物流用番号\",\"ＪＡＮコード\",\"薬価基準収載医薬品コード\",\"個別医薬品コード\",\"レセプト電算処理システムコード（１）\",\"レセプト電算処理システムコード（２）\",\"告示名称\",\"販売名\",\"レセプト電算処理システム医薬品名\",\"規格単位\",\"包装形態\",\"包装単位数\",\"包装単位単位\",\"包装総量数\",\"包装総量単位\",\"区分\",\"製造会社\",\"販売会社\",\"更新区分\",\"更新年月日\"";
+    let row = |hot: &str, yj: &str, receipt: &str, name: &str| {
+        format!(
+            "\"{hot}\",\"{}\",\"{}\",,,,\"{yj}\",\"{yj}\",\"{receipt}\",,\"{name}\",\"{name}\",\"{name}\",\"２５０ｍｇ１錠\",,,,,,\"内\",\"会社\",\"会社\",\"1\",\"20260930\"",
+            hot.get(..7).unwrap_or(""),
+            hot.get(7..9).unwrap_or("")
+        )
+    };
+    let csv = [
+        header.to_string(),
+        row(
+            "103831601",
+            "2233002F1280",
+            "",
+            "カルボシステイン錠２５０ｍｇ",
+        ),
+        row("1000000010101", "2325003F1020", "610406079", "別の錠"),
+        row("10383160", "2233002F1280", "", "桁不足"),
+        row("103831701", "notayjcode", "", "YJなし"),
+    ]
+    .join("\r\n");
+    let (sjis, _, _) = encoding_rs::SHIFT_JIS.encode(&csv);
+    let f = d.join("MEDIS20260930.TXT");
+    std::fs::write(&f, &sjis).unwrap();
+    let r = import(&f, MasterKind::Hot, &d).unwrap();
+    assert_eq!(r.imported, 2, "{:?}", r.errors);
+    let lines: Vec<usize> = r.errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [4, 5], "{:?}", r.errors);
+    assert!(r.errors[0].message.contains("column 1"), "{:?}", r.errors);
+    assert!(r.errors[1].message.contains("column 8"), "{:?}", r.errors);
+    let t = Terminology::open(&d).unwrap();
+    assert!(t.loaded().contains(&MasterKind::Hot));
+    assert_eq!(t.hot("103831601").unwrap().yj_code, "2233002F1280");
+    // a HOT13 carries its HOT9 in the first nine digits; a HOT13 file is keyed by HOT9
+    assert_eq!(t.hot("1038316010101").unwrap().yj_code, "2233002F1280");
+    assert_eq!(t.hot("100000001").unwrap().receipt_code, "610406079");
+    assert_eq!(t.hot7_yj("1038316").unwrap().yj_code, "2233002F1280");
+    assert!(t.hot("10383160").is_none() && t.hot("999999999").is_none());
+    // $lookup in the HOT9 system
+    let l = t
+        .lookup("urn:oid:1.2.392.200119.4.403.1", "103831601")
+        .expect("lookup");
+    assert_eq!(l.display, "カルボシステイン錠２５０ｍｇ");
+    assert!(
+        t.lookup("urn:oid:1.2.392.200119.4.403.1", "1038316010101")
+            .is_none()
+    );
+}
