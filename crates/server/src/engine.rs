@@ -228,12 +228,19 @@ impl Engine {
         id: &str,
     ) -> FhirResult<StoredResource> {
         check_type(resource_type)?;
-        let (store, rt, rid) = (
-            self.store.clone(),
-            resource_type.to_string(),
-            id.to_string(),
-        );
-        let found = blocking(move || store.read(&rt, &rid)).await?;
+        let found = if self.store.inline_point_reads() {
+            let started = std::time::Instant::now();
+            let r = self.store.read(resource_type, id);
+            metrics::histogram!("tsunagi_store_seconds").record(started.elapsed().as_secs_f64());
+            r?
+        } else {
+            let (store, rt, rid) = (
+                self.store.clone(),
+                resource_type.to_string(),
+                id.to_string(),
+            );
+            blocking(move || store.read(&rt, &rid)).await?
+        };
         let Some(found) = found else {
             return Err(FhirError::not_found(format!(
                 "{resource_type}/{id} does not exist"

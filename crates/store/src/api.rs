@@ -217,6 +217,13 @@ pub trait Store: Send + Sync + 'static {
     /// Current version of a resource (including a delete marker), if it ever existed.
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;
 
+    /// Whether [`Store::read`] is cheap enough (a local page-cache lookup: no
+    /// network, no runtime of its own) to call on an async worker thread rather
+    /// than hand it to the blocking pool. Safe default: no.
+    fn inline_point_reads(&self) -> bool {
+        false
+    }
+
     /// A specific version.
     fn vread(
         &self,
