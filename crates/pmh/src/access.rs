@@ -2,7 +2,7 @@
 //!
 //! | who | may | when |
 //! |---|---|---|
-//! | municipality staff (at a municipality) | create; read, update, delete what their municipality wrote, among `Coverage` (recipients), `ImmunizationRecommendation` (vouchers) and `Questionnaire` (予診票 forms) | purpose operations |
+//! | municipality staff (at a municipality) | create; read, update, delete what their municipality wrote, among `Coverage` (recipients), `ImmunizationRecommendation` (vouchers), `RelatedPerson` (guardians of children) and `Questionnaire` (予診票 forms) | purpose operations |
 //! | patient | create their own `QuestionnaireResponse` (the pre-vaccination questionnaire) | purpose patient-self |
 //! | care-facility staff | read a patient's vouchers and questionnaire answers | purpose treatment, a live reception grant at the facility (the card is the voucher) |
 //! | care-facility staff | create `ChargeItem` (copayment reports for ceiling management) | purpose treatment |
@@ -21,7 +21,8 @@ use tsunagi_store::ScopeRule;
 use crate::Shared;
 
 /// Personal types a municipality writes and reads (its own records only).
-pub const MUNICIPAL_PERSONAL_TYPES: &[&str] = &["Coverage", "ImmunizationRecommendation"];
+pub const MUNICIPAL_PERSONAL_TYPES: &[&str] =
+    &["Coverage", "ImmunizationRecommendation", "RelatedPerson"];
 /// Types facilities read at reception under a live grant.
 pub const RECEPTION_TYPES: &[&str] = &["ImmunizationRecommendation", "QuestionnaireResponse"];
 

@@ -21,16 +21,16 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
 use serde_json::{Value, json};
-use tsunagi_fhir::{FhirError, query};
+use tsunagi_fhir::{FhirError, FhirResult, query};
 use tsunagi_server::AppState;
 use tsunagi_server::engine::blocking;
 use tsunagi_server::http::extract::{Caller, FhirJson};
 use tsunagi_server::http::{ApiResult, fhir_json};
-use tsunagi_store::Scope;
+use tsunagi_store::{Scope, Store, StoredResource};
 
 use crate::http::{
     audit_action, deny, is_facility_staff, patient_id, reference, require_municipality,
-    required_str,
+    required_str, searchset,
 };
 
 /// `meta.tag` system of the municipality a result is reported to.
@@ -152,28 +152,7 @@ async fn list(
     }
     let store = state.engine.store.clone();
     let (p2, m2) = (patient.clone(), m.clone());
-    let found = blocking(move || {
-        let mut out = Vec::new();
-        for rt in TYPES {
-            let sq = query::parse(
-                rt,
-                &[
-                    ("patient".into(), format!("Patient/{p2}")),
-                    ("_count".into(), "1000".into()),
-                ],
-            )?;
-            // a patient has few results: the tag is checked here rather than indexed
-            out.extend(
-                store
-                    .search(&sq, &Scope::Unrestricted)?
-                    .matches
-                    .into_iter()
-                    .filter(|s| reported_to(s.resource.as_ref(), &m2)),
-            );
-        }
-        Ok(out)
-    })
-    .await?;
+    let found = blocking(move || results_of(&*store, &p2, |r| reported_to(r, &m2))).await?;
     audit_action(
         &state,
         &ctx,
@@ -182,13 +161,33 @@ async fn list(
         found.iter().map(reference).collect(),
     )
     .await?;
-    let entries: Vec<Value> = found
-        .into_iter()
-        .filter_map(|s| s.resource)
-        .map(|r| json!({"resource": r}))
-        .collect();
-    Ok(fhir_json(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries}),
-    ))
+    Ok(searchset(found))
+}
+
+/// A patient's results of the checkup types that pass `keep` (platform read;
+/// callers decide and audit). A patient has few results, so tags are checked
+/// here rather than indexed.
+pub fn results_of(
+    store: &dyn Store,
+    patient: &str,
+    keep: impl Fn(Option<&Value>) -> bool,
+) -> FhirResult<Vec<StoredResource>> {
+    let mut out = Vec::new();
+    for rt in TYPES {
+        let sq = query::parse(
+            rt,
+            &[
+                ("patient".into(), format!("Patient/{patient}")),
+                ("_count".into(), "1000".into()),
+            ],
+        )?;
+        out.extend(
+            store
+                .search(&sq, &Scope::Unrestricted)?
+                .matches
+                .into_iter()
+                .filter(|s| keep(s.resource.as_ref())),
+        );
+    }
+    Ok(out)
 }

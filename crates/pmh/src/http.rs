@@ -1,10 +1,13 @@
 //! Small helpers shared by the PMH handlers: caller checks, denials, audit.
 
-use serde_json::Value;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::{Value, json};
 use tsunagi_fhir::{FhirError, FhirResult};
 use tsunagi_policy::audit::AuditRecord;
 use tsunagi_policy::identity::{OrgKind, Purpose, Role};
 use tsunagi_policy::policy::Operation;
+use tsunagi_server::http::fhir_json;
 use tsunagi_server::{AppState, Ctx};
 
 /// The municipality (地方公共団体コード) a caller acts for, when municipality staff.
@@ -75,6 +78,19 @@ pub fn required_str(body: &Value, key: &str) -> FhirResult<String> {
 /// A `Patient/{id}` reference or a bare id, as the id.
 pub fn patient_id(s: &str) -> String {
     s.strip_prefix("Patient/").unwrap_or(s).to_string()
+}
+
+/// A `searchset` Bundle of stored resources, with its total, answered 200.
+pub fn searchset(found: impl IntoIterator<Item = tsunagi_store::StoredResource>) -> Response {
+    let entries: Vec<Value> = found
+        .into_iter()
+        .filter_map(|s| s.resource)
+        .map(|r| json!({"resource": r}))
+        .collect();
+    fhir_json(
+        StatusCode::OK,
+        &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries}),
+    )
 }
 
 /// `Type/id/_history/v` of a stored resource (audit references).

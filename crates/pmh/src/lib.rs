@@ -36,6 +36,7 @@ pub mod certificates;
 pub mod checkups;
 pub mod cli;
 pub mod demo;
+pub mod guardians;
 pub mod http;
 pub mod matching;
 pub mod recipients;
@@ -133,6 +134,7 @@ impl ServiceModule for PmhService {
             .merge(vaccination::routes())
             .merge(certificates::routes())
             .merge(checkups::routes())
+            .merge(guardians::routes())
             .merge(stats::routes())
             .layer(Extension(self.shared.clone()))
     }

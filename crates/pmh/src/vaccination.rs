@@ -17,7 +17,8 @@
 //!   under concurrent recordings (the second insert is a conflict).
 //! - The patient sees the Immunization at once through the FHIR API (own
 //!   compartment); the municipality through `GET /pmh/vaccinations?patient=`, for
-//!   the vouchers it issued.
+//!   the vouchers it issued, and as a list of all its vouchers and vaccinations
+//!   (`GET /pmh/vaccinations?vaccine=&given=&_count=&_offset=`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,7 +42,7 @@ use tsunagi_store::{Scope, Store, StoredResource};
 use crate::Shared;
 use crate::http::{
     audit_action, deny, is_facility_staff, patient_id, reference, require_municipality,
-    required_str,
+    required_str, searchset,
 };
 use crate::recipients::ext;
 
@@ -616,17 +617,24 @@ async fn record(
     ))
 }
 
+/// Largest page of the municipality-wide list.
+const LIST_MAX_COUNT: usize = 1000;
+
 /// `GET /pmh/vaccinations?patient=` (municipality): the vaccinations given on the
-/// vouchers it issued to the patient, with the vouchers.
+/// vouchers it issued to the patient, with the vouchers. Without `patient`: every
+/// voucher the municipality issued, newest first, each followed by its
+/// vaccination when given ([`municipality_list`]).
 async fn municipality_view(
     State(state): State<AppState>,
     Query(q): Query<BTreeMap<String, String>>,
     Caller(ctx): Caller,
 ) -> ApiResult<Response> {
     let m = require_municipality(&state, &ctx, "vaccination records").await?;
-    let patient = patient_id(q.get("patient").map(String::as_str).unwrap_or(""));
+    let Some(patient) = q.get("patient").map(|p| patient_id(p)) else {
+        return municipality_list(state, q, ctx, m).await;
+    };
     if patient.is_empty() {
-        return Err(FhirError::invalid_element("patient", "patient is required").into());
+        return Err(FhirError::invalid_element("patient", "patient must not be empty").into());
     }
     let store = state.engine.store.clone();
     let (pt, m2) = (patient.clone(), m.clone());
@@ -649,16 +657,138 @@ async fn municipality_view(
         .flat_map(|(v, i)| std::iter::once(reference(v)).chain(i.iter().map(reference)))
         .collect();
     audit_action(&state, &ctx, "pmh-vaccination-view", Some(patient), refs).await?;
-    let entries: Vec<Value> = out
+    Ok(searchset(
+        out.into_iter()
+            .flat_map(|(v, i)| std::iter::once(v).chain(i)),
+    ))
+}
+
+/// The municipality-wide list (予防接種台帳 view): `vaccine` (code), `given`
+/// (`true`: only vouchers used, `false`: only unused), `_count` (default 100, at
+/// most 1000) and `_offset` page through the vouchers the municipality issued.
+/// Each entry is a voucher followed by its Immunization when given; one audit
+/// record per resident on the page.
+async fn municipality_list(
+    state: AppState,
+    q: BTreeMap<String, String>,
+    ctx: tsunagi_server::Ctx,
+    municipality: String,
+) -> ApiResult<Response> {
+    for k in q.keys() {
+        if !["vaccine", "given", "_count", "_offset"].contains(&k.as_str()) {
+            return Err(FhirError::invalid_element(
+                k,
+                format!("unknown parameter '{k}' (vaccine, given, _count, _offset, or patient)"),
+            )
+            .into());
+        }
+    }
+    let number = |k: &str, default: usize| -> FhirResult<usize> {
+        match q.get(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                FhirError::invalid_element(k, format!("{k} must be a non-negative integer"))
+            }),
+        }
+    };
+    let count = number("_count", 100)?;
+    if count == 0 || count > LIST_MAX_COUNT {
+        return Err(FhirError::invalid_element(
+            "_count",
+            format!("_count must be between 1 and {LIST_MAX_COUNT}"),
+        )
+        .into());
+    }
+    let offset = number("_offset", 0)?;
+    let given = match q.get("given").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => {
+            return Err(FhirError::invalid_element("given", "given must be true or false").into());
+        }
+    };
+    let mut params = vec![("_sort".to_string(), "-_lastUpdated".to_string())];
+    if let Some(v) = q.get("vaccine") {
+        params.push(("vaccine-type".into(), v.clone()));
+    }
+    // `given` filters after reading the Immunization, so it pages over the
+    // vouchers that pass it: read ahead in pages of vouchers until the page fills
+    let store = state.engine.store.clone();
+    let m = municipality.clone();
+    let (page, total) = blocking(move || {
+        let scope = Scope::AnyOf(vec![tsunagi_store::ScopeRule::AuthoredBy {
+            org: m,
+            types: Some(vec!["ImmunizationRecommendation".into()]),
+        }]);
+        let mut out = Vec::new();
+        // without a filter the store pages; with one, every voucher is judged
+        let (mut at, mut passed) = if given.is_none() {
+            (offset, offset)
+        } else {
+            (0, 0)
+        };
+        let mut total = None;
+        loop {
+            let mut p = params.clone();
+            p.push(("_count".into(), LIST_MAX_COUNT.to_string()));
+            p.push(("_offset".into(), at.to_string()));
+            let sq = query::parse("ImmunizationRecommendation", &p)?;
+            let found = store.search(&sq, &scope)?;
+            let n = found.matches.len();
+            if given.is_none() {
+                total = Some(found.total);
+            }
+            for s in found.matches {
+                let Some(v) = Voucher::from_stored(&s) else {
+                    continue;
+                };
+                let imm = store
+                    .read("Immunization", &immunization_id(&v.id))?
+                    .filter(|i| !i.deleted);
+                if given.is_some_and(|g| g != imm.is_some()) {
+                    continue;
+                }
+                passed += 1;
+                if passed > offset && out.len() < count {
+                    out.push((v.patient.clone(), s, imm));
+                }
+            }
+            at += n;
+            if n < LIST_MAX_COUNT {
+                // every voucher judged: the filtered total is known
+                total = total.or(Some(passed as u64));
+                break;
+            }
+            if out.len() >= count {
+                break;
+            }
+        }
+        Ok((out, total))
+    })
+    .await?;
+    // one audit record per resident shown
+    let mut by_patient: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (p, v, i) in &page {
+        let refs = by_patient.entry(p.clone()).or_default();
+        refs.push(reference(v));
+        refs.extend(i.iter().map(reference));
+    }
+    for (p, refs) in by_patient {
+        audit_action(&state, &ctx, "pmh-vaccination-list", Some(p), refs).await?;
+    }
+    let entries: Vec<Value> = page
         .into_iter()
-        .flat_map(|(v, i)| std::iter::once(v).chain(i))
+        .flat_map(|(_, v, i)| std::iter::once(v).chain(i))
         .filter_map(|s| s.resource)
         .map(|r| json!({"resource": r}))
         .collect();
-    Ok(fhir_json(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries}),
-    ))
+    let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "entry": entries});
+    // with `given`, the total is known only once every voucher was judged
+    if let Some(t) = total {
+        bundle["total"] = json!(t);
+    }
+    Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
 #[cfg(test)]

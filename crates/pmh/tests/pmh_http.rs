@@ -134,7 +134,120 @@ both_backends!(
     demo_seed_is_idempotent,
     file_import_resumes_after_checkpoint,
     checkup_results_reach_municipality_patient_and_consenting_institutions,
+    guardian_sees_child_checkups_until_fifteen,
 );
+
+/// A guardian the municipality registered reads the child's checkup results with
+/// their own patient token while the child is under 15; nobody else does, and
+/// every read lands in the child's audit trail.
+async fn guardian_sees_child_checkups_until_fifteen(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    person(
+        &s,
+        "kid",
+        ("山田", "陽"),
+        ("ヤマダ", "ヒナタ"),
+        "2020-05-01",
+        "千代田区1",
+    );
+    person(
+        &s,
+        "teen",
+        ("山田", "海"),
+        ("ヤマダ", "カイ"),
+        "2010-01-01",
+        "千代田区1",
+    );
+    person(
+        &s,
+        "mum",
+        ("山田", "花子"),
+        ("ヤマダ", "ハナコ"),
+        "1990-04-01",
+        "千代田区1",
+    );
+    person(
+        &s,
+        "stranger",
+        ("佐藤", "一"),
+        ("サトウ", "ハジメ"),
+        "1980-04-01",
+        "港区1",
+    );
+    let doctor = s.token(CLINIC, OrgKind::Clinic, Role::Doctor);
+    for child in ["kid", "teen"] {
+        let r = s
+            .post(&doctor, "/pmh/checkups", &json!({"municipality": MUNICIPALITY, "kind": "municipal", "resource": {
+                "resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
+                "subject": {"reference": format!("Patient/{child}")}, "effectiveDateTime": "2026-11-01",
+                "valueQuantity": {"value": 21.0, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}}}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let mum = s.patient_token("mum");
+    let view = |child: &str| format!("/pmh/guardian/checkups?child=Patient/{child}");
+    // no link yet
+    s.get(&mum, &view("kid"))
+        .await
+        .refused(403, "no active guardian link");
+    // the municipality registers the links; bad requests are named
+    let m = muni(&s);
+    let link = |child: &str, rel: &str| json!({"child": format!("Patient/{child}"), "guardian": "Patient/mum", "relationship": rel});
+    s.post(&m, "/pmh/guardians", &link("kid", "AUNT"))
+        .await
+        .refused(400, "relationship");
+    s.post(&m, "/pmh/guardians", &link("nobody", "MTH"))
+        .await
+        .refused(400, "child");
+    s.post(
+        &m,
+        "/pmh/guardians",
+        &json!({"child": "Patient/mum", "guardian": "Patient/mum", "relationship": "MTH"}),
+    )
+    .await
+    .refused(400, "own guardian");
+    assert_eq!(
+        s.post(&doctor, "/pmh/guardians", &link("kid", "MTH"))
+            .await
+            .status,
+        403
+    );
+    for child in ["kid", "teen"] {
+        let r = s.post(&m, "/pmh/guardians", &link(child, "MTH")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    // the guardian sees the child's result
+    let r = s.get(&mum, &view("kid")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.entries().len(), 1, "{}", r.text);
+    assert_eq!(r.entries()[0]["subject"]["reference"], "Patient/kid");
+    // not a child of 15 or more, not another person, not staff through this path
+    s.get(&mum, &view("teen")).await.refused(403, "15 or older");
+    s.get(&s.patient_token("stranger"), &view("kid"))
+        .await
+        .refused(403, "no active guardian link");
+    s.get(&doctor, &view("kid"))
+        .await
+        .refused(403, "patient token");
+    // the child's audit trail shows the guardian's read
+    assert!(
+        s.audit("kid")
+            .await
+            .iter()
+            .any(|e| e.to_string().contains("pmh-guardian-checkup-view")),
+        "guardian reads are audited under the child"
+    );
+    // ending the link ends the access
+    let mut end = link("kid", "MTH");
+    end["active"] = json!(false);
+    assert_eq!(s.post(&m, "/pmh/guardians", &end).await.status, 200);
+    s.get(&mum, &view("kid"))
+        .await
+        .refused(403, "no active guardian link");
+}
 
 async fn checkup_results_reach_municipality_patient_and_consenting_institutions(backend: Backend) {
     let Some(s) = start(backend).await else {
@@ -963,6 +1076,67 @@ async fn vaccination_voucher_questionnaire_and_refusals(backend: Backend) {
             .entries()
             .len(),
         0
+    );
+    // the municipality-wide list: every voucher it issued, each followed by its
+    // vaccination when given; filters and pages
+    let list = |q: &'static str, token: String| {
+        let s = &s;
+        async move {
+            let r = s.get(&token, &format!("/pmh/vaccinations{q}")).await;
+            assert_eq!(r.status, 200, "{q}: {}", r.text);
+            let kinds: Vec<String> = r
+                .entries()
+                .iter()
+                .map(|e| e["resourceType"].as_str().unwrap_or("").to_string())
+                .collect();
+            (r.body["total"].clone(), kinds)
+        }
+    };
+    let (total, kinds) = list("", m.clone()).await;
+    assert_eq!(total, 2);
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| *k == "ImmunizationRecommendation")
+            .count(),
+        2
+    );
+    assert_eq!(kinds.iter().filter(|k| *k == "Immunization").count(), 1);
+    assert_eq!(
+        list("?given=true", m.clone()).await,
+        (
+            json!(1),
+            vec![
+                "ImmunizationRecommendation".to_string(),
+                "Immunization".to_string()
+            ]
+        )
+    );
+    assert_eq!(
+        list("?given=false&vaccine=HPV", m.clone()).await,
+        (json!(1), vec!["ImmunizationRecommendation".to_string()])
+    );
+    let (t1, p1) = list("?_count=1", m.clone()).await;
+    let (t2, p2) = list("?_count=1&_offset=1", m.clone()).await;
+    assert_eq!((t1, t2), (json!(2), json!(2)));
+    assert_eq!(p1.len() + p2.len(), 3, "{p1:?} {p2:?}");
+    assert_eq!(list("?vaccine=MR", m.clone()).await, (json!(0), vec![]));
+    assert_eq!(list("", other_m.clone()).await, (json!(0), vec![]));
+    s.get(&m, "/pmh/vaccinations?_count=0")
+        .await
+        .refused(400, "_count");
+    s.get(&m, "/pmh/vaccinations?dose=1")
+        .await
+        .refused(400, "dose");
+    s.get(&me, "/pmh/vaccinations")
+        .await
+        .refused(403, "municipality");
+    assert!(
+        s.audit("p1")
+            .await
+            .iter()
+            .any(|e| e.to_string().contains("pmh-vaccination-list")),
+        "the list is audited per resident"
     );
     // and the clock: after the minimum interval dose 2 is given
     s.clock.advance(Duration::days(30));
