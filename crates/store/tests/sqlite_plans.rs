@@ -138,55 +138,36 @@ fn hot_searches_are_driven_by_an_index() {
     );
 
     // a two-kana name prefix with a birth month: the month drives (a short
-    // prefix matches a large share of all patients), the prefix is checked per row
+    // prefix matches a large share of all patients), the prefix is checked per row;
+    // from three characters on, the prefix drives as before
     let (lo, hi) = tsunagi_fhir::datetime::parse_range("1980-04").unwrap();
-    let kana_and_month = SearchQuery::new("Patient")
-        .with(
-            "name",
-            Criterion::String {
-                mode: StringMode::StartsWith,
-                values: vec!["ヤマ".into()],
-            },
-        )
-        .with(
-            "birthdate",
-            Criterion::Date(vec![DateMatch {
-                prefix: Prefix::Eq,
-                lo,
-                hi,
-            }]),
-        );
-    let p = plan(
-        &c,
-        &sql::search_page(d, &kana_and_month, &Scope::Unrestricted).unwrap(),
-    );
+    let name_and_month = |prefix: &str| {
+        let q = SearchQuery::new("Patient")
+            .with(
+                "name",
+                Criterion::String {
+                    mode: StringMode::StartsWith,
+                    values: vec![prefix.into()],
+                },
+            )
+            .with(
+                "birthdate",
+                Criterion::Date(vec![DateMatch {
+                    prefix: Prefix::Eq,
+                    lo,
+                    hi,
+                }]),
+            );
+        plan(&c, &sql::search_page(d, &q, &Scope::Unrestricted).unwrap())
+    };
+    let p = name_and_month("ヤマ");
     assert!(
         p.contains("idx_date_value (rt=? AND param=? AND lo>? AND lo<?)")
             && !p.contains("idx_string_value (")
             && no_scan(&p),
         "{p}"
     );
-    // three characters or more: the prefix drives, as before
-    let long_prefix = SearchQuery::new("Patient")
-        .with(
-            "name",
-            Criterion::String {
-                mode: StringMode::StartsWith,
-                values: vec!["ヤマダ".into()],
-            },
-        )
-        .with(
-            "birthdate",
-            Criterion::Date(vec![DateMatch {
-                prefix: Prefix::Eq,
-                lo,
-                hi,
-            }]),
-        );
-    let p = plan(
-        &c,
-        &sql::search_page(d, &long_prefix, &Scope::Unrestricted).unwrap(),
-    );
+    let p = name_and_month("ヤマダ");
     assert!(p.contains("idx_string_value (") && no_scan(&p), "{p}");
 
     let scoped = Scope::AnyOf(vec![ScopeRule::Patient {
