@@ -737,10 +737,6 @@ async fn resolve_patient_for_prescribing(
     Ok(id)
 }
 
-/// `Coverage.type` code of public expense (公費) in the JP insurance-type table:
-/// such a Coverage names a subsidy, not the insured person.
-const PUBLIC_EXPENSE_TYPE: &str = "8";
-const INSURER_NUMBER_SYSTEM: &str = "urn:oid:1.2.392.100495.20.3.61";
 const EXT_SYMBOL: &str =
     "http://jpfhir.jp/fhir/core/Extension/StructureDefinition/JP_Coverage_InsuredPersonSymbol";
 const EXT_NUMBER: &str =
@@ -780,11 +776,8 @@ fn insured_person_query(
         if r.get("resourceType").and_then(Value::as_str) != Some("Coverage") {
             return None;
         }
-        let public = r
-            .pointer("/type/coding")
-            .and_then(Value::as_array)
-            .is_some_and(|c| c.iter().any(|c| c["code"] == PUBLIC_EXPENSE_TYPE));
-        (!public).then_some((i, r))
+        // a public-expense (公費) Coverage names a subsidy, not the insured person
+        (!tsunagi_eligibility::coverage::is_public_expense(r)).then_some((i, r))
     });
     let Some((i, cov)) = found else {
         return Ok(None);
@@ -806,7 +799,7 @@ fn insured_person_query(
         .into_iter()
         .flatten()
         .chain(cov.pointer("/payor/0/identifier").cloned())
-        .find(|id| id["system"] == INSURER_NUMBER_SYSTEM)
+        .find(|id| id["system"] == tsunagi_server::orgs::INSURER_SYSTEM)
         .and_then(|id| id["value"].as_str().map(str::to_string))
         .ok_or_else(|| missing("the payer Organization carries no 保険者番号 (identifier system urn:oid:1.2.392.100495.20.3.61)"))?;
     let number = ext(EXT_NUMBER)

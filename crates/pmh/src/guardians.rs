@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tsunagi_fhir::{FhirError, FhirResult};
 use tsunagi_policy::identity::Role;
-use tsunagi_policy::policy::{PATIENT_VISIBILITY_SYSTEM, WITHHELD};
+use tsunagi_policy::policy::{Operation, PATIENT_VISIBILITY_SYSTEM, WITHHELD};
 use tsunagi_server::AppState;
 use tsunagi_server::engine::{WriteWork, blocking};
 use tsunagi_server::http::extract::{Caller, FhirJson};
@@ -155,11 +155,18 @@ async fn register(
     ))
 }
 
-/// Whether `guardian` holds an active link to `child`, written by a municipality.
+/// Whether `guardian` holds an active link to `child`, written by a municipality
+/// (a local government code as author: a care facility writing a RelatedPerson of
+/// the same id through the FHIR API does not make anyone a guardian).
 fn is_guardian(store: &dyn Store, child: &str, guardian: &str) -> FhirResult<bool> {
     Ok(store
         .read("RelatedPerson", &link_id(child, guardian))?
-        .filter(|r| !r.deleted && r.author_org.is_some())
+        .filter(|r| {
+            !r.deleted
+                && r.author_org
+                    .as_deref()
+                    .is_some_and(|a| tsunagi_policy::ids::validate_local_government_code(a).is_ok())
+        })
         .and_then(|r| r.resource)
         .is_some_and(|r| {
             r["active"] != json!(false)
@@ -224,7 +231,16 @@ async fn child_checkups(
     let found = match verdict {
         Ok(found) => found,
         Err(reason) => {
-            return Err(deny(&state, &ctx, "guardian checkup view", reason)
+            // audited under the child: the attempt shows in the child's access history
+            return Err(state
+                .engine
+                .deny(
+                    &ctx,
+                    Operation::Read,
+                    Some(child),
+                    vec!["guardian checkup view".into()],
+                    reason,
+                )
                 .await
                 .into());
         }

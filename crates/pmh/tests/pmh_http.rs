@@ -229,6 +229,19 @@ async fn guardian_sees_child_checkups_until_fifteen(backend: Backend) {
     s.get(&s.patient_token("stranger"), &view("kid"))
         .await
         .refused(403, "no active guardian link");
+    // a RelatedPerson of the same id written by a care facility makes no guardian
+    let forged = tsunagi_pmh::guardians::link_id("kid", "stranger");
+    s.put(
+        "RelatedPerson",
+        &forged,
+        json!({"resourceType": "RelatedPerson", "id": forged, "active": true,
+            "patient": {"reference": "Patient/kid"},
+            "extension": [{"url": tsunagi_pmh::guardians::GUARDIAN_EXT, "valueReference": {"reference": "Patient/stranger"}}]}),
+        CLINIC,
+    );
+    s.get(&s.patient_token("stranger"), &view("kid"))
+        .await
+        .refused(403, "no active guardian link");
     s.get(&doctor, &view("kid"))
         .await
         .refused(403, "patient token");
