@@ -9,9 +9,9 @@
 //!   `"active": false` ends it.
 //! - The guardian, signed in as themselves (patient token), reads the child's
 //!   checkup results (`GET /pmh/guardian/checkups?child=`): only while the link is
-//!   active and the child is under [`CHILD_AGE_LIMIT`] on the day (the age up to
-//!   which the national portal lets a legal representative act without the
-//!   child's own sign-in), never results withheld from the patient. Every such read
+//!   active and the child is under [`CHILD_AGE_LIMIT`] on the day (below that age a
+//!   legal representative handles the child's My Number card), never results
+//!   withheld from the patient. Every such read
 //!   is audited under the child, so the child sees it in their access history.
 
 use std::collections::BTreeMap;
