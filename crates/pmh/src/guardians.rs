@@ -258,17 +258,15 @@ async fn child_checkups(
 
 /// A checkup result registered through PMH and not withheld from the patient.
 fn is_checkup(r: Option<&Value>) -> bool {
-    let labels = |path: &str, system: &str| {
+    let has = |path: &str, hit: &dyn Fn(&Value) -> bool| {
         r.and_then(|r| r.pointer(path))
             .and_then(Value::as_array)
-            .is_some_and(|a| {
-                a.iter().any(|t| {
-                    t["system"] == system
-                        && (system != PATIENT_VISIBILITY_SYSTEM || t["code"] == WITHHELD)
-                })
-            })
+            .is_some_and(|a| a.iter().any(hit))
     };
-    labels("/meta/tag", KIND_SYSTEM) && !labels("/meta/security", PATIENT_VISIBILITY_SYSTEM)
+    has("/meta/tag", &|t| t["system"] == KIND_SYSTEM)
+        && !has("/meta/security", &|t| {
+            t["system"] == PATIENT_VISIBILITY_SYSTEM && t["code"] == WITHHELD
+        })
 }
 
 #[cfg(test)]

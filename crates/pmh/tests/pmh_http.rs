@@ -187,6 +187,16 @@ async fn guardian_sees_child_checkups_until_fifteen(backend: Backend) {
             .await;
         assert_eq!(r.status, 201, "{}", r.text);
     }
+    // a result withheld from the patient is withheld from the guardian as well
+    let r = s
+        .post(&doctor, "/pmh/checkups", &json!({"municipality": MUNICIPALITY, "kind": "infant", "resource": {
+            "resourceType": "Observation", "status": "final",
+            "meta": {"security": [{"system": tsunagi_policy::policy::PATIENT_VISIBILITY_SYSTEM, "code": tsunagi_policy::policy::WITHHELD}]},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2", "display": "Body height"}]},
+            "subject": {"reference": "Patient/kid"}, "effectiveDateTime": "2026-11-01",
+            "valueQuantity": {"value": 110.0, "unit": "cm", "system": "http://unitsofmeasure.org", "code": "cm"}}}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
     let mum = s.patient_token("mum");
     let view = |child: &str| format!("/pmh/guardian/checkups?child=Patient/{child}");
     // no link yet

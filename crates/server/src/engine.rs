@@ -81,8 +81,12 @@ pub async fn blocking<T: Send + 'static>(
     let r = tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| FhirError::internal(format!("storage task failed: {e}")))?;
-    metrics::histogram!("tsunagi_store_seconds").record(started.elapsed().as_secs_f64());
+    record_store_time(started);
     r
+}
+
+fn record_store_time(started: std::time::Instant) {
+    metrics::histogram!("tsunagi_store_seconds").record(started.elapsed().as_secs_f64());
 }
 
 pub fn check_type(resource_type: &str) -> FhirResult<()> {
@@ -231,7 +235,7 @@ impl Engine {
         let found = if self.store.inline_point_reads() {
             let started = std::time::Instant::now();
             let r = self.store.read(resource_type, id);
-            metrics::histogram!("tsunagi_store_seconds").record(started.elapsed().as_secs_f64());
+            record_store_time(started);
             r?
         } else {
             let (store, rt, rid) = (

@@ -781,12 +781,18 @@ pub fn search_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Bui
     let mut b = B::new(d);
     b.s("SELECT ").s(RESOURCE_COLUMNS).s(FROM_CURRENT);
     search_where(&mut b, q, scope);
-    sort_sql(&mut b, &q.sort)?;
+    order_and_page(&mut b, q)?;
+    Ok(b.done())
+}
+
+/// `ORDER BY ... LIMIT ... OFFSET ...` of a search page.
+fn order_and_page(b: &mut B, q: &SearchQuery) -> FhirResult<()> {
+    sort_sql(b, &q.sort)?;
     b.s(" LIMIT ")
         .int(to_i64(q.count))
         .s(" OFFSET ")
         .int(to_i64(q.offset));
-    Ok(b.done())
+    Ok(())
 }
 
 /// Current, not deleted resources of one type in id order, after `after`
@@ -838,11 +844,7 @@ pub fn search_latest_page(
         .s(FROM_CURRENT)
         .s(" WHERE ");
     latest_rids(&mut b, q, scope, latest);
-    sort_sql(&mut b, &q.sort)?;
-    b.s(" LIMIT ")
-        .int(to_i64(q.count))
-        .s(" OFFSET ")
-        .int(to_i64(q.offset));
+    order_and_page(&mut b, q)?;
     Ok(b.done())
 }
 
