@@ -151,13 +151,19 @@ impl Model {
         self.params.get(resource_type)?.get(code)
     }
 
-    /// All parameters of a type that the store indexes (paths known).
+    /// All parameters of a type that the store indexes (paths known): the
+    /// type's own and the Resource-level `_tag`, `_profile`, `_source`.
+    /// `_id` and `_lastUpdated` are columns of the resource row, and the store
+    /// indexes `_security` itself (its scope rules read it).
     pub fn indexed_params(&self, resource_type: &str) -> impl Iterator<Item = &SearchParam> {
         self.params
             .get(resource_type)
             .into_iter()
             .flat_map(|m| m.values())
-            .filter(|p| p.paths.is_some() && !p.code.starts_with('_'))
+            .filter(|p| {
+                p.paths.is_some()
+                    && !matches!(p.code.as_str(), "_id" | "_lastUpdated" | "_security")
+            })
     }
 }
 

@@ -42,6 +42,9 @@ impl Store for FakeStore {
     fn search(&self, _: &SearchQuery, _: &Scope) -> FhirResult<SearchResult> {
         unsupported()
     }
+    fn search_ids(&self, _: &SearchQuery, _: &Scope) -> FhirResult<Vec<String>> {
+        unsupported()
+    }
     fn search_latest(&self, _: &SearchQuery, _: &Scope, _: &LatestPer) -> FhirResult<SearchResult> {
         unsupported()
     }

@@ -238,6 +238,11 @@ pub trait Store: Send + Sync + 'static {
     /// Runs a search within the scope.
     fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult>;
 
+    /// The ids of a search's matches, in its order and paged like it, without
+    /// reading a body: a bulk reader (retention) lists what to look at, then
+    /// reads it by `_id` in pages of its own.
+    fn search_ids(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<String>>;
+
     /// A search keeping only the newest matches per group ([`LatestPer`]), in
     /// the search's sort order and paged like it.
     fn search_latest(

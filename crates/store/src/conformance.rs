@@ -98,6 +98,7 @@ macro_rules! conformance_tests {
             purge_removes_everything,
             latest_per_group,
             scan_keyset_pages,
+            search_meta_tag_and_profile,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2222,4 +2223,76 @@ pub fn scan_keyset_pages(h: &dyn Harness) {
     assert_eq!(seen, ["p01", "p02", "p03", "p05", "p07", "p09", "p10"]);
     assert_eq!(pages, 3);
     assert!(s.scan("Patient", Some("p10"), 3).unwrap().is_empty());
+}
+
+/// `_tag` and `_profile` (Resource-level parameters on `meta`) are indexed for
+/// every type, and an update re-indexes them.
+pub fn search_meta_tag_and_profile(h: &dyn Harness) {
+    let s = h.store();
+    const T: &str = "https://example.org/tags";
+    const PROFILE: &str = "http://jpfhir.jp/fhir/core/StructureDefinition/JP_Patient";
+    let tagged = |id: &str, code: &str| {
+        let mut p = patient(id, "Yamada", None, "male");
+        p["meta"] = json!({"tag": [{"system": T, "code": code}], "profile": [PROFILE]});
+        p
+    };
+    seed(
+        s,
+        "A",
+        vec![
+            ("Patient", "p1", tagged("p1", "2026-11-21T10")),
+            ("Patient", "p2", tagged("p2", "2026-11-21T11")),
+            ("Patient", "p3", patient("p3", "Yamada", None, "male")),
+        ],
+    );
+    let tag = |code: &str| {
+        find(
+            s,
+            "Patient",
+            "_tag",
+            token(vec![tok(Some(Some(T)), Some(code))]),
+        )
+    };
+    assert_eq!(tag("2026-11-21T10"), v(&["p1"]));
+    assert_eq!(tag("2026-11-21T12"), Vec::<String>::new());
+    assert_eq!(
+        find(
+            s,
+            "Patient",
+            "_tag",
+            token(vec![tok(None, Some("2026-11-21T11"))])
+        ),
+        v(&["p2"])
+    );
+    assert_eq!(
+        find(s, "Patient", "_profile", Criterion::Uri(v(&[PROFILE]))),
+        v(&["p1", "p2"])
+    );
+    // the ids alone, in the search's order and paging
+    let mut q = SearchQuery::new("Patient").with("family", string(StringMode::StartsWith, "yam"));
+    q.sort = vec![SortKey {
+        param: "_id".into(),
+        param_type: ParamType::Token,
+        descending: true,
+    }];
+    assert_eq!(
+        s.search_ids(&q, &Scope::Unrestricted).unwrap(),
+        v(&["p3", "p2", "p1"])
+    );
+    q.count = 1;
+    q.offset = 1;
+    assert_eq!(s.search_ids(&q, &Scope::Unrestricted).unwrap(), v(&["p2"]));
+    // an update replaces the indexed tag
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Patient",
+        "p1",
+        tagged("p1", "2026-11-21T12"),
+        None,
+        &ctx("A"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(tag("2026-11-21T10"), Vec::<String>::new());
+    assert_eq!(tag("2026-11-21T12"), v(&["p1"]));
 }

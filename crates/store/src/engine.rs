@@ -52,6 +52,18 @@ pub(crate) trait Ops {
     fn rows(&mut self, q: &Built) -> FhirResult<Vec<Row>>;
     /// Runs a `SELECT COUNT(*)`.
     fn count(&mut self, q: &Built) -> FhirResult<u64>;
+    /// Runs a SELECT of one text column.
+    fn texts(&mut self, q: &Built) -> FhirResult<Vec<String>>;
+}
+
+/// The ids of a search's matches in its order, paged like it (no bodies read).
+pub(crate) fn search_ids<O: Ops + ?Sized>(
+    o: &mut O,
+    q: &SearchQuery,
+    scope: &Scope,
+) -> FhirResult<Vec<String>> {
+    let b = sql::search_ids(o.dialect(), q, scope)?;
+    o.texts(&b)
 }
 
 /// Write primitives, called inside an open transaction.

@@ -319,6 +319,13 @@ impl Ops for PgOps<'_> {
             .map_err(pg_err)?;
         Ok(n.max(0) as u64)
     }
+
+    fn texts(&mut self, q: &Built) -> FhirResult<Vec<String>> {
+        self.query(&q.sql, &bind(&q.params))?
+            .iter()
+            .map(|r| r.try_get(0).map_err(pg_err))
+            .collect()
+    }
 }
 
 const INSERT_STRING: &str = "INSERT INTO idx_string (rid, rt, param, norm, exact) \
@@ -694,6 +701,10 @@ impl Store for PgStore {
 
     fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult> {
         self.with_conn(|o| engine::search(o, query, scope))
+    }
+
+    fn search_ids(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<String>> {
+        self.with_conn(|o| engine::search_ids(o, query, scope))
     }
 
     fn search_latest(

@@ -84,6 +84,9 @@ struct B {
     d: Dialect,
     sql: String,
     params: Vec<SqlValue>,
+    /// The search lists its ids (`_id=`): the order must not be served by the
+    /// type's last-updated index (see [`search_where`]).
+    ids_listed: bool,
 }
 
 impl B {
@@ -92,6 +95,7 @@ impl B {
             d,
             sql: String::with_capacity(512),
             params: Vec::new(),
+            ids_listed: false,
         }
     }
     fn s(&mut self, s: &str) -> &mut Self {
@@ -565,6 +569,27 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
         Criterion::Token { values, negate } => {
             open_index(b, "idx_token", rt, p, *negate, corr);
             b.s(" AND ");
+            // several codes of one system (`_tag=s|a,s|b`): `code IN (...)` keeps
+            // the lookup on the (rt, param, code, system) index; OR-ed pairs
+            // would read every row of the parameter
+            let one_system = values.first().and_then(|t| t.system.clone().flatten());
+            if values.len() > 1
+                && let Some(system) = one_system
+                && values.iter().all(|t| {
+                    t.code.is_some()
+                        && t.system.as_ref().and_then(|s| s.as_deref()) == Some(system.as_str())
+                })
+            {
+                b.s("x.system = ").text(&system).s(" AND x.code IN (");
+                for (i, t) in values.iter().enumerate() {
+                    if i > 0 {
+                        b.s(", ");
+                    }
+                    b.text(t.code.as_deref().unwrap_or_default());
+                }
+                b.s("))");
+                return;
+            }
             alternatives(b, values, |b, t| {
                 let mut any = true;
                 match &t.system {
@@ -713,6 +738,13 @@ fn driver(q: &SearchQuery, scope: &Scope) -> Option<usize> {
 
 /// `WHERE ...` for a search: type, not deleted, scope, clauses.
 fn search_where(b: &mut B, q: &SearchQuery, scope: &Scope) {
+    // With a long `_id` list SQLite (no statistics) prefers walking the whole
+    // type in last-updated order to sorting the listed rows; the sort then
+    // names the column so that no index can serve it.
+    b.ids_listed = q
+        .clauses
+        .iter()
+        .any(|c| matches!(c.criterion, Criterion::Id(_)));
     let driver = driver(q, scope);
     let rt = if driver.is_some() {
         b.d.noindex("r.rt")
@@ -732,9 +764,14 @@ fn search_where(b: &mut B, q: &SearchQuery, scope: &Scope) {
 }
 
 fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
+    let lu = if b.ids_listed && b.d == Dialect::Sqlite {
+        "+r.last_updated"
+    } else {
+        "r.last_updated"
+    };
     b.s(" ORDER BY ");
     if sort.is_empty() {
-        b.s("r.last_updated DESC, r.id ASC");
+        b.s(lu).s(" DESC, r.id ASC");
         return Ok(());
     }
     for k in sort {
@@ -744,7 +781,7 @@ fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
                 b.s("r.id ").s(dir);
             }
             "_lastUpdated" => {
-                b.s("r.last_updated ").s(dir);
+                b.s(lu).s(" ").s(dir);
             }
             _ => {
                 let (table, col) = match k.param_type {
@@ -778,8 +815,26 @@ fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
 
 /// The page of matches: [`RESOURCE_COLUMNS`], ordered and paged.
 pub fn search_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Built> {
+    // The page is chosen over the current rows alone and only its rows are
+    // joined to their bodies: ordering every match with its body (as a plain
+    // ORDER BY ... LIMIT does) reads and sorts all the matched bodies for
+    // every page.
     let mut b = B::new(d);
-    b.s("SELECT ").s(RESOURCE_COLUMNS).s(FROM_CURRENT);
+    b.s("SELECT ")
+        .s(RESOURCE_COLUMNS)
+        .s(FROM_CURRENT)
+        .s(" WHERE r.rid IN (SELECT r.rid FROM resource_current r");
+    search_where(&mut b, q, scope);
+    order_and_page(&mut b, q)?;
+    b.s(")");
+    sort_sql(&mut b, &q.sort)?;
+    Ok(b.done())
+}
+
+/// The ids of a search page (same WHERE, order and paging as [`search_page`]).
+pub fn search_ids(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Built> {
+    let mut b = B::new(d);
+    b.s("SELECT r.id FROM resource_current r");
     search_where(&mut b, q, scope);
     order_and_page(&mut b, q)?;
     Ok(b.done())

@@ -331,6 +331,14 @@ impl Ops for SqliteOps<'_> {
             .map_err(db_err)?;
         Ok(n.max(0) as u64)
     }
+
+    fn texts(&mut self, q: &Built) -> FhirResult<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(&q.sql).map_err(db_err)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(q.params.iter()), |r| r.get(0))
+            .map_err(db_err)?;
+        rows.map(|r| r.map_err(db_err)).collect()
+    }
 }
 
 /// Index tables with their column lists and column counts, in the order of
@@ -748,6 +756,10 @@ impl Store for SqliteStore {
 
     fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult> {
         self.with_reader(|o| engine::search(o, query, scope))
+    }
+
+    fn search_ids(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<String>> {
+        self.with_reader(|o| engine::search_ids(o, query, scope))
     }
 
     fn search_latest(

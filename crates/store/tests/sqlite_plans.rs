@@ -213,3 +213,68 @@ fn hot_searches_are_driven_by_an_index() {
         "{p}"
     );
 }
+
+/// Retention reads registration hours by `_tag` (several codes of one
+/// system), in id pages: the tag's index rows are looked up by code, and only
+/// they are sorted, never the whole type or every tag of it.
+#[test]
+fn tag_pages_are_driven_by_the_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plans.db");
+    let store = SqliteStore::open(&path).unwrap();
+    drop(store);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let mut q = SearchQuery::new("Observation").with(
+        "_tag",
+        Criterion::Token {
+            values: ["2026-11-22T06", "2026-11-22T07"]
+                .iter()
+                .map(|h| TokenMatch {
+                    system: Some(Some(
+                        "https://tsunagi.dev/fhir/CodeSystem/registered-hour".into(),
+                    )),
+                    code: Some(h.to_string()),
+                })
+                .collect(),
+            negate: false,
+        },
+    );
+    q.sort = vec![tsunagi_fhir::search::SortKey {
+        param: "_id".into(),
+        descending: false,
+        param_type: tsunagi_fhir::search::ParamType::Token,
+    }];
+    q.count = 1000;
+    q.offset = 5000;
+    let b = sql::search_page(Dialect::Sqlite, &q, &Scope::Unrestricted).unwrap();
+    let p = plan(&c, &b);
+    println!("{}\n{p}", b.sql);
+    assert!(
+        p.contains("idx_token_value (rt=? AND param=? AND code=?")
+            && !p.contains("SCAN")
+            && !p.contains("resource_current_type_lu"),
+        "{p}"
+    );
+}
+
+/// A read of listed ids (`_id=a,b,...`, retention's pages) looks each id up in
+/// the type's primary key, whatever the sort, never walking the type in the
+/// sort's order.
+#[test]
+fn id_lists_are_looked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plans.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    // a thousand ids: SQLite's estimate for a long IN list is what tempted it
+    // to walk the type in last-updated order instead
+    let ids = (0..1000).map(|i| format!("id-{i}")).collect();
+    let mut q = SearchQuery::new("Observation").with("_id", Criterion::Id(ids));
+    q.count = 1000;
+    let b = sql::search_page(Dialect::Sqlite, &q, &Scope::Unrestricted).unwrap();
+    let p = plan(&c, &b);
+    assert!(
+        !p.contains("SCAN") && !p.contains("resource_current_type_lu"),
+        "{p}"
+    );
+}
