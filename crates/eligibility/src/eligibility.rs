@@ -19,11 +19,13 @@
 //!
 //! [`AccessRule`]: tsunagi_policy::AccessRule
 
-use axum::Router;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
+use axum::{Extension, Router};
 use chrono::NaiveDate;
 use serde_json::{Value, json};
 use tsunagi_fhir::{FhirError, FhirResult, query};
@@ -291,6 +293,7 @@ pub fn may_check(ctx: &Ctx) -> Result<(), String> {
 
 async fn eligibility(
     State(state): State<AppState>,
+    Extension(shared): Extension<Arc<crate::Shared>>,
     Caller(ctx): Caller,
     FhirJson(body): FhirJson,
 ) -> ApiResult<Response> {
@@ -326,5 +329,11 @@ async fn eligibility(
     .with_resources(resources);
     rec.reason = Some(format!("eligibility answer: {}", answer.status));
     engine.audit.record(rec).await?;
+    let shown: Vec<&Value> = answer
+        .subsidies
+        .iter()
+        .filter_map(|s| s.resource.as_ref())
+        .collect();
+    shared.subsidies_shown(&shown);
     Ok(fhir_json(StatusCode::OK, &render(&answer, q.on)))
 }

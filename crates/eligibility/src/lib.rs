@@ -49,11 +49,47 @@ pub struct Shared {
     pub cards: cards::CardAuthority,
     pub clock: Arc<dyn Clock>,
     pub config: Config,
+    /// Told of every eligibility answer that shows subsidies (see [`SubsidyObserver`]).
+    observers: std::sync::RwLock<Vec<Arc<dyn SubsidyObserver>>>,
+}
+
+/// Told of each eligibility answer at reception (`$reception`, `$eligibility`)
+/// that showed one or more subsidies (公費), so the service that registered
+/// them can count their use (PMH's municipal statistics) without this service
+/// knowing who they are or reading the audit trail back. Called on the request
+/// path: an observer only counts, it never blocks or fails the answer.
+pub trait SubsidyObserver: Send + Sync {
+    /// `subsidies` are the public-expense Coverage resources the answer showed.
+    fn shown(&self, at: DateTime<Utc>, subsidies: &[&serde_json::Value]);
 }
 
 impl Shared {
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
+    }
+
+    /// Registers an observer of the subsidies eligibility answers show.
+    pub fn observe_subsidies(&self, observer: Arc<dyn SubsidyObserver>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(observer);
+    }
+
+    /// Tells the observers that an answer showed `subsidies` (nothing when empty).
+    pub(crate) fn subsidies_shown(&self, subsidies: &[&serde_json::Value]) {
+        if subsidies.is_empty() {
+            return;
+        }
+        let now = self.now();
+        for o in self
+            .observers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            o.shown(now, subsidies);
+        }
     }
 }
 
@@ -120,6 +156,7 @@ impl EligibilityService {
                 cards,
                 clock,
                 config,
+                observers: Default::default(),
             }),
         }
     }

@@ -565,6 +565,7 @@ async fn do_reception(
     for c in insurance {
         out.push(json!({"name": "coverage", "resource": c}));
     }
+    shared.subsidies_shown(&subsidies.iter().collect::<Vec<_>>());
     for c in subsidies {
         out.push(json!({"name": "subsidy", "resource": c}));
     }

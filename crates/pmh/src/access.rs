@@ -151,17 +151,15 @@ impl tsunagi_policy::AccessRule for PmhRule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tsunagi_eligibility::SystemClock;
     use tsunagi_policy::AccessRule;
     use tsunagi_policy::policy::Policy;
 
     fn shared() -> Arc<Shared> {
-        Arc::new(Shared {
-            catalogue: Default::default(),
-            certificates: Default::default(),
-            eligibility: None,
-            clock: Arc::new(SystemClock),
-        })
+        let dir = tempfile::tempdir().unwrap();
+        let store = tsunagi_store::sqlite::SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        // the rules under test never write; the directory outlives the test process
+        std::mem::forget(dir);
+        Arc::new(Shared::offline(Arc::new(store)))
     }
 
     fn principal(org: &str, kind: OrgKind, role: Role, patient: Option<&str>) -> Principal {

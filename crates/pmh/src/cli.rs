@@ -165,12 +165,7 @@ pub fn run_pmh(args: PmhArgs) -> anyhow::Result<i32> {
                 false,
             )
             .map_err(|e| anyhow!("{e}"))?;
-            let shared = Arc::new(crate::Shared {
-                catalogue: Catalogue::default(),
-                certificates: Default::default(),
-                eligibility: None,
-                clock: Arc::new(tsunagi_eligibility::SystemClock),
-            });
+            let shared = Arc::new(crate::Shared::offline(store.clone()));
             let policy = Policy::new().with_rule(Arc::new(crate::access::PmhRule(shared)));
             let work = WriteWork {
                 store: store.clone(),

@@ -35,12 +35,7 @@ pub fn seed(store: Arc<dyn Store>) -> FhirResult<String> {
         false,
     )
     .map_err(|e| tsunagi_fhir::FhirError::internal(e.to_string()))?;
-    let shared = Arc::new(crate::Shared {
-        catalogue: Catalogue::default(),
-        certificates: Default::default(),
-        eligibility: None,
-        clock: Arc::new(tsunagi_eligibility::SystemClock),
-    });
+    let shared = Arc::new(crate::Shared::offline(store.clone()));
     let work = WriteWork {
         store: store.clone(),
         policy: Arc::new(Policy::new().with_rule(Arc::new(crate::access::PmhRule(shared)))),

@@ -17,6 +17,7 @@
 //! - [`access`]: the municipality-staff, patient self-service and reception rules
 //!   PMH adds to the one policy.
 //! - [`stats`]: aggregated statistics of use for a municipality (no clinical data).
+//! - [`checks`]: counts of eligibility answers that showed each municipality's subsidies.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub mod access;
 pub mod catalogue;
 pub mod ceiling;
 pub mod certificates;
+pub mod checks;
 pub mod checkups;
 pub mod cli;
 pub mod demo;
@@ -57,10 +59,25 @@ pub struct Shared {
     pub certificates: certificates::Mailbox,
     /// The eligibility service: live reception grants ("the card is the voucher").
     pub eligibility: Option<Arc<tsunagi_eligibility::Shared>>,
+    /// Eligibility checks that showed each municipality's subsidies.
+    pub checks: Arc<checks::CheckCounters>,
     pub clock: Arc<dyn Clock>,
 }
 
 impl Shared {
+    /// The state an operator tool's writes need for the access rule: no
+    /// eligibility service, an empty catalogue, the system clock, counters
+    /// that are not loaded.
+    pub fn offline(store: Arc<dyn Store>) -> Shared {
+        Shared {
+            catalogue: catalogue::Catalogue::default(),
+            certificates: certificates::Mailbox::default(),
+            eligibility: None,
+            checks: Arc::new(checks::CheckCounters::empty(store)),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
@@ -95,10 +112,15 @@ impl PmhService {
         eligibility: Option<Arc<tsunagi_eligibility::Shared>>,
         clock: Arc<dyn Clock>,
     ) -> FhirResult<Self> {
+        let checks = Arc::new(checks::CheckCounters::load(store.clone())?);
+        if let Some(e) = &eligibility {
+            e.observe_subsidies(Arc::new(checks::Observer(checks.clone())));
+        }
         let shared = Arc::new(Shared {
             catalogue: catalogue::Catalogue::default(),
             certificates: certificates::Mailbox::default(),
             eligibility,
+            checks,
             clock,
         });
         shared.catalogue.load(&*store)?;

@@ -1,6 +1,8 @@
 //! Aggregated statistics of use for a municipality: counts only, never a person
-//! or a clinical fact. Recipients per programme (current), ceiling reports
-//! (visits, persons, copayment total) of the month for its recipients.
+//! or a clinical fact. Recipients per programme (current), eligibility checks
+//! that showed its subsidies (in total and per programme, [`crate::checks`]),
+//! ceiling reports (visits, persons, copayment total) of the month for its
+//! recipients.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -166,10 +168,14 @@ async fn stats(
     })
     .await?;
     audit_action(&state, &ctx, "pmh-stats", None, vec![]).await?;
+    let month = month.format("%Y-%m").to_string();
+    let checks = shared.checks.month(&m, &month);
     Ok(fhir_json(
         StatusCode::OK,
-        &json!({"municipality": m, "month": month.format("%Y-%m").to_string(),
-            "recipients": counts, "ceilingReports": {"visits": visits, "persons": persons, "copaymentYen": total}}),
+        &json!({"municipality": m, "month": month,
+            "recipients": counts,
+            "eligibilityChecks": {"checks": checks.checks, "byProgramme": checks.by_programme},
+            "ceilingReports": {"visits": visits, "persons": persons, "copaymentYen": total}}),
     ))
 }
 

@@ -547,6 +547,34 @@ async fn one_card_returns_insurance_and_subsidies(backend: Backend) {
     let e = s.post(&clerk, "/fhir/$eligibility", &q).await;
     assert_eq!(e.status, 200, "{}", e.text);
     assert_eq!(e.resources("subsidy").len(), 2, "{}", e.text);
+
+    // the municipality's statistics count both answers, per programme, naming no one
+    let m = muni(&s);
+    let st = s.get(&m, "/pmh/stats?month=2026-11").await;
+    assert_eq!(st.status, 200, "{}", st.text);
+    let checks = &st.body["eligibilityChecks"];
+    assert_eq!(checks["checks"], 2, "{}", st.text);
+    assert_eq!(checks["byProgramme"]["54"], 2, "{}", st.text);
+    assert_eq!(checks["byProgramme"]["131016-88"], 2, "{}", st.text);
+    assert!(!st.text.contains("p1"), "{}", st.text);
+    let oct = s.get(&m, "/pmh/stats?month=2026-10").await;
+    assert_eq!(oct.body["eligibilityChecks"]["checks"], 0, "{}", oct.text);
+    // a check that shows no subsidy counts nowhere
+    person(
+        &s,
+        "p2",
+        ("佐藤", "次郎"),
+        ("サトウ", "ジロウ"),
+        "1975-01-02",
+        "東京都千代田区2",
+    );
+    let card2 = s.card("p2");
+    let rec = s
+        .reception(&clerk, &card2, [false, false, false], "outpatient")
+        .await;
+    assert_eq!(rec.status, 200, "{}", rec.text);
+    let st = s.get(&m, "/pmh/stats?month=2026-11").await;
+    assert_eq!(st.body["eligibilityChecks"]["checks"], 2, "{}", st.text);
 }
 
 async fn full_file_ends_dropped_recipient_and_incremental_changes_ceiling(backend: Backend) {
