@@ -25,6 +25,10 @@
 //! The resources are the official JP-CLINS examples (Condition, AllergyIntolerance,
 //! two lab Observations) plus an infection Observation, re-identified per patient.
 
+/// The allocator of the `tsunagi` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -218,7 +222,7 @@ fn load_background(
                     pid.clone(),
                     json!({"resourceType": "Patient", "id": pid}),
                 )];
-                for p in prepare_clins(&b, inst, &pid, now).expect("background bundle") {
+                for p in prepare_clins(b, inst, &pid, now).expect("background bundle") {
                     rows.push((p.rt, p.id, p.resource));
                 }
                 out.push((pid, rows));

@@ -30,9 +30,14 @@ pub struct RunArgs {
     /// Days a received referral letter is kept after its receipt.
     #[arg(long, default_value_t = 7)]
     pub referral_after_receipt_days: i64,
-    /// List what is due without deleting it.
+    /// List what is due without deleting it (and without recording the run).
     #[arg(long)]
     pub dry_run: bool,
+    /// Read every entry instead of only what may have become due since the
+    /// last run (once after upgrading from a version without registration-hour
+    /// tags, or to check the incremental runs).
+    #[arg(long)]
+    pub full: bool,
 }
 
 pub fn run_retention(args: RetentionArgs) -> anyhow::Result<i32> {
@@ -59,22 +64,25 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
         referral_after_receipt_days: a.referral_after_receipt_days,
         ..Default::default()
     };
-    if a.dry_run {
-        let entries = crate::retention::scan(&*store).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let due = crate::retention::doomed(&rules, &entries, now);
-        for e in &due {
-            println!("{}/{}\t{}\t{}", e.rt, e.id, e.kind.as_str(), e.patient);
-        }
-        eprintln!("{} of {} entries are due", due.len(), entries.len());
-        return Ok(0);
-    }
-    let report = crate::retention::run(&*store, &rules, now).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mode = if a.full {
+        crate::retention::Mode::Full
+    } else {
+        crate::retention::Mode::Auto
+    };
+    let started = std::time::Instant::now();
+    let report = crate::retention::run_with(&*store, &rules, now, mode, a.dry_run)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     for id in &report.ids {
         println!("{id}");
     }
     eprintln!(
-        "retention: {} of {} entries deleted",
-        report.purged, report.examined
+        "retention ({} run{}): {} of {} entries examined {} in {:.1} s",
+        report.mode,
+        if a.dry_run { ", dry run" } else { "" },
+        report.purged,
+        report.examined,
+        if a.dry_run { "are due" } else { "deleted" },
+        started.elapsed().as_secs_f64()
     );
     Ok(0)
 }

@@ -29,6 +29,9 @@ type Outcome = FhirResult<Result<Vec<Written>, Denied>>;
 struct Job {
     work: WriteWork,
     items: Vec<Prepared>,
+    /// A copy for replaying the Bundle alone if its group fails: made by the
+    /// caller, so the one writer thread does not spend its time copying.
+    spare: Vec<Prepared>,
     done: oneshot::Sender<Outcome>,
 }
 
@@ -55,8 +58,14 @@ impl Committer {
     /// resolves after that transaction committed.
     pub async fn write(&self, work: WriteWork, items: Vec<Prepared>) -> Outcome {
         let (done, wait) = oneshot::channel();
+        let spare = clone_items(&items);
         self.tx
-            .send(Job { work, items, done })
+            .send(Job {
+                work,
+                items,
+                spare,
+                done,
+            })
             .await
             .map_err(|_| stopped())?;
         wait.await.map_err(|_| stopped())?
@@ -98,7 +107,7 @@ fn commit_one(work: &WriteWork, items: Vec<Prepared>) -> Outcome {
     Ok(r)
 }
 
-fn commit_group(jobs: Vec<Job>) {
+fn commit_group(mut jobs: Vec<Job>) {
     if jobs.len() == 1 {
         let Some(j) = jobs.into_iter().next() else {
             return;
@@ -106,11 +115,12 @@ fn commit_group(jobs: Vec<Job>) {
         let _ = j.done.send(commit_one(&j.work, j.items));
         return;
     }
+    let store = jobs[0].work.store.clone();
     let together = (|| -> FhirResult<Option<Vec<Vec<Written>>>> {
-        let mut tx = jobs[0].work.store.begin()?;
+        let mut tx = store.begin()?;
         let mut out = Vec::with_capacity(jobs.len());
-        for j in &jobs {
-            match write_prepared(&j.work, &mut *tx, clone_items(&j.items))? {
+        for j in jobs.iter_mut() {
+            match write_prepared(&j.work, &mut *tx, std::mem::take(&mut j.items))? {
                 Ok(w) => out.push(w),
                 // a denial: roll back and replay each Bundle on its own
                 Err(_) => return Ok(None),
@@ -130,7 +140,7 @@ fn commit_group(jobs: Vec<Job>) {
                 tracing::debug!(error = %e, bundles = jobs.len(), "group commit failed; replaying one by one");
             }
             for j in jobs {
-                let _ = j.done.send(commit_one(&j.work, j.items));
+                let _ = j.done.send(commit_one(&j.work, j.spare));
             }
         }
     }

@@ -123,7 +123,7 @@ pub fn seed(store: &dyn Store, now: DateTime<Utc>) -> FhirResult<()> {
     write_all(
         store,
         HOSPITAL,
-        prepare_clins(&clins_bundle(HOSPITAL, "demo"), HOSPITAL, "pt-01", now)?,
+        prepare_clins(clins_bundle(HOSPITAL, "demo"), HOSPITAL, "pt-01", now)?,
     )?;
     let d = prepare_document(
         &referral_bundle(HOSPITAL, CLINIC, "demo-ref-1"),

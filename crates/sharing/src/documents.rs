@@ -151,11 +151,7 @@ fn mark_received(
     let Some(mut r) = doc.resource.clone() else {
         return Ok(());
     };
-    set_extension(
-        &mut r,
-        RECEIVED_EXT,
-        json!({"valueInstant": fmt_instant(now)}),
-    );
+    crate::kinds::mark_received(&mut r, now);
     let mut tx = store.begin()?;
     let wc = WriteContext {
         org: doc.author_org.clone(),

@@ -50,6 +50,12 @@ pub const ADDRESSEE_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/addresse
 pub const INSURER_LABEL_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/insurer";
 pub const MAILBOX_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/mailbox";
 pub const REGISTERED_EXT: &str = "https://tsunagi.dev/fhir/StructureDefinition/registered";
+/// `meta.tag` of the registration hour (UTC, `YYYY-MM-DDTHH`): the index by
+/// which a retention run finds the entries whose period may have ended since
+/// the run before it, without reading the rest.
+pub const REGISTERED_HOUR_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/registered-hour";
+/// `meta.tag` of the hour a referral letter was received (as above).
+pub const RECEIVED_HOUR_SYSTEM: &str = "https://tsunagi.dev/fhir/CodeSystem/received-hour";
 pub const RECEIVED_EXT: &str = "https://tsunagi.dev/fhir/StructureDefinition/received";
 pub const BODY_EXT: &str = "https://tsunagi.dev/fhir/StructureDefinition/document-body";
 pub const SOURCE_EXT: &str = "https://tsunagi.dev/fhir/StructureDefinition/source";
@@ -261,8 +267,15 @@ pub fn mark(r: &mut Value, kind: Kind, extra: &[(&str, &str)], registered: DateT
         .as_object_mut()
         .map(|m| m.entry("tag").or_insert_with(|| json!([])));
     if let Some(Value::Array(t)) = tags {
-        t.retain(|c| c.get("system").and_then(Value::as_str) != Some(KIND_SYSTEM));
+        // the service's own tags are never taken from the submitter
+        t.retain(|c| {
+            !matches!(
+                c.get("system").and_then(Value::as_str),
+                Some(KIND_SYSTEM | REGISTERED_HOUR_SYSTEM | RECEIVED_HOUR_SYSTEM)
+            )
+        });
         t.push(json!({"system": KIND_SYSTEM, "code": kind.as_str()}));
+        t.push(json!({"system": REGISTERED_HOUR_SYSTEM, "code": hour_code(registered)}));
     }
     let mut security = vec![json!({"system": CATEGORY_SYSTEM, "code": kind.category()})];
     if uninformed || kind.withheld_from_patient() {
@@ -278,6 +291,26 @@ pub fn mark(r: &mut Value, kind: Kind, extra: &[(&str, &str)], registered: DateT
         REGISTERED_EXT,
         json!({"valueInstant": fmt_instant(registered)}),
     );
+}
+
+/// The hour of an instant as a tag code (UTC, `YYYY-MM-DDTHH`).
+pub fn hour_code(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H").to_string()
+}
+
+/// Records the receipt of a document on its DocumentReference: the instant
+/// (extension) and the hour (tag, for retention).
+pub fn mark_received(r: &mut Value, at: DateTime<Utc>) {
+    set_extension(r, RECEIVED_EXT, json!({"valueInstant": fmt_instant(at)}));
+    if let Some(meta) = r
+        .as_object_mut()
+        .map(|o| o.entry("meta").or_insert_with(|| json!({})))
+        && let Some(m) = meta.as_object_mut()
+        && let Value::Array(t) = m.entry("tag").or_insert_with(|| json!([]))
+    {
+        t.retain(|c| c.get("system").and_then(Value::as_str) != Some(RECEIVED_HOUR_SYSTEM));
+        t.push(json!({"system": RECEIVED_HOUR_SYSTEM, "code": hour_code(at)}));
+    }
 }
 
 /// Replaces (or adds) a root extension.

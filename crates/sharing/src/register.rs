@@ -171,6 +171,28 @@ fn rewrite_patient_refs(v: &mut Value, from: &HashSet<String>, to: &str) {
     }
 }
 
+/// The entries of a Bundle as (fullUrl, resource), taken out of it.
+fn into_entries(bundle: Value) -> Vec<(String, Value)> {
+    let Value::Object(mut b) = bundle else {
+        return Vec::new();
+    };
+    let Some(Value::Array(list)) = b.remove("entry") else {
+        return Vec::new();
+    };
+    list.into_iter()
+        .map(|e| match e {
+            Value::Object(mut e) => (
+                match e.remove("fullUrl") {
+                    Some(Value::String(s)) => s,
+                    _ => String::new(),
+                },
+                e.remove("resource").unwrap_or(Value::Null),
+            ),
+            _ => (String::new(), Value::Null),
+        })
+        .collect()
+}
+
 fn entries(bundle: &Value) -> Vec<(String, Value)> {
     bundle
         .get("entry")
@@ -229,7 +251,7 @@ pub struct Prepared {
 /// Applies the service's rules to a JP_Bundle_CLINS (already validated) and
 /// prepares its entries for `patient`. Errors name the entry at fault.
 pub fn prepare_clins(
-    bundle: &Value,
+    bundle: Value,
     org: &str,
     patient: &str,
     now: DateTime<Utc>,
@@ -240,13 +262,15 @@ pub fn prepare_clins(
             "a JP_Bundle_CLINS registration is a collection Bundle",
         ));
     }
-    let list = entries(bundle);
+    let list = into_entries(bundle);
     let refs = patient_refs(&list);
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    for (i, (_, r)) in list.iter().enumerate() {
+    for (i, (_, owned)) in list.into_iter().enumerate() {
+        let r = &owned;
         let at = format!("Bundle.entry[{i}].resource");
-        let rt = rt_of(r);
+        let rt = rt_of(r).to_string();
+        let rt = rt.as_str();
         // the Patient and context the entries refer to are not registered themselves
         if SUPPORTING.contains(&rt) {
             continue;
@@ -313,7 +337,7 @@ pub fn prepare_clins(
                 format!("the {field} must be the Bundle's Patient entry"),
             ));
         }
-        let mut res = r.clone();
+        let mut res = owned;
         rewrite_patient_refs(&mut res, &refs, patient);
         // the patient is the platform's (an identifier-only subject is resolved to it)
         res[field] = json!({"reference": format!("Patient/{patient}")});
@@ -423,14 +447,16 @@ pub async fn register_clins_bundle(
     let org = ctx.principal.org.clone();
     let items = blocking(move || {
         gate(&*validator, &bundle)?;
-        let list = entries(&bundle);
-        let pe = list
-            .iter()
+        let pe = bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
             .enumerate()
-            .find(|(_, (_, r))| rt_of(r) == "Patient")
-            .map(|(i, (_, r))| (i, r));
+            .filter_map(|(i, e)| Some((i, e.get("resource")?)))
+            .find(|(_, r)| rt_of(r) == "Patient");
         let pid = resolve_patient(&*store, patient.as_deref(), pe)?;
-        prepare_clins(&bundle, &org, &pid, now)
+        prepare_clins(bundle, &org, &pid, now)
     })
     .await?;
     let work = tsunagi_server::engine::WriteWork::new(&state.engine, ctx);

@@ -512,6 +512,66 @@ async fn referral_only_for_the_addressee_and_marked_received(b: Backend) {
     );
 }
 
+/// The official JP-CLINS referral letter (JP_Bundle_eReferral, header entries
+/// only, sections as text) is registered by the institution its identifier names
+/// and reaches exactly the addressee of its 紹介先情報 section.
+async fn official_referral_example_reaches_its_addressee(b: Backend) {
+    let Some(t) = TestServer::start(b).await else {
+        return;
+    };
+    let letter = example(&format!(
+        "{CLINS}/Bundle-Bundle-CLINS-Referral-NoEntry-Example-01.json"
+    ));
+    // Bundle.identifier names HOSP: another institution cannot register it
+    let o = t.doctor(OTHER);
+    let r = t
+        .post(&o, "/fhir/$register-document?patient=pt-01", &letter)
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("Bundle.identifier"), "{}", r.text);
+    let h = t.doctor(HOSP);
+    let r = t
+        .post(&h, "/fhir/$register-document?patient=pt-01", &letter)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    // neither a consenting third institution nor the patient sees the letter
+    t.grant(OTHER, "pt-01", &Category::ALL, 24);
+    assert!(t.search_ids(&o, "/fhir/$referrals").await.is_empty());
+    assert_eq!(
+        t.get(&o, &format!("/fhir/DocumentReference/{id}/$retrieve"))
+            .await
+            .status,
+        403
+    );
+    let p = t.patient_token("pt-01");
+    assert!(
+        t.search_ids(&p, "/fhir/DocumentReference?patient=Patient/pt-01")
+            .await
+            .is_empty()
+    );
+    // the addressee (section 910's Organization, 1311234567) lists and retrieves
+    // the letter as sent: the same identifier, Composition and section texts
+    let c = t.doctor(CLINIC);
+    assert_eq!(t.search_ids(&c, "/fhir/$referrals").await, vec![id.clone()]);
+    let doc = t
+        .get(&c, &format!("/fhir/DocumentReference/{id}/$retrieve"))
+        .await;
+    assert_eq!(doc.status, 200, "{}", doc.text);
+    assert_eq!(doc.body["identifier"], letter["identifier"]);
+    assert_eq!(
+        doc.body["entry"][0]["resource"]["section"],
+        letter["entry"][0]["resource"]["section"]
+    );
+    // the same letter again replaces the entry rather than adding a second one
+    let again = t
+        .post(&h, "/fhir/$register-document?patient=pt-01", &letter)
+        .await;
+    assert!(again.status == 200 || again.status == 201, "{}", again.text);
+    assert_eq!(again.body["id"], id.as_str());
+    assert_eq!(t.search_ids(&c, "/fhir/$referrals").await, vec![id]);
+}
+
 async fn checkup_reports_for_insurer_category_c_and_patient(b: Backend) {
     let Some(t) = TestServer::start(b).await else {
         return;
@@ -815,6 +875,153 @@ async fn retention_rules_and_lts(b: Backend) {
             .count()
             >= 2
     );
+}
+
+/// Incremental retention runs at irregular intervals over 14 months, with
+/// entries registered and letters received between them, delete exactly what
+/// the rules (judged over everything ever registered) say is due by each run:
+/// nothing early, nothing missed. A full run at the end finds nothing left.
+async fn incremental_retention_matches_the_rules_over_time(b: Backend) {
+    let Some(t) = TestServer::start(b).await else {
+        return;
+    };
+    // the simulation writes through the store's blocking interface
+    tokio::task::block_in_place(|| simulate_retention(&t));
+}
+
+fn simulate_retention(t: &TestServer) {
+    use std::collections::BTreeSet;
+    use tsunagi_sharing::kinds::{INDICATION_SYSTEM, Kind, LTS, mark, mark_received};
+    use tsunagi_sharing::retention::{Entry, Mode, Rules, doomed, run, run_with};
+    use tsunagi_store::WriteContext;
+    let rules = Rules::default();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n.max(1)
+    };
+    let wc = WriteContext {
+        org: Some(HOSP.into()),
+        user: None,
+    };
+    let lab_items = ["3A015000002327101", "3F015000002327101"];
+    let mut written: Vec<Entry> = Vec::new();
+    let mut unreceived: Vec<String> = Vec::new();
+    let store = t.store.clone();
+    let mut runs = 0;
+    let mut purged_total = 0;
+    for step in 0..45 {
+        let prev = t.now();
+        let gap = Duration::hours(96 + next(240) as i64);
+        t.advance(gap);
+        let now = t.now();
+        let within = |r: u64| prev + Duration::seconds(1 + (r % gap.num_seconds() as u64) as i64);
+        for i in 0..(2 + next(4)) {
+            let at = within(next(u64::MAX));
+            let id = format!("sim-{step}-{i}");
+            let patient = if next(2) == 0 { "pt-01" } else { "pt-02" };
+            let day = (at - Duration::days(next(20) as i64))
+                .format("%Y-%m-%d")
+                .to_string();
+            let (rt, kind, mut r) = match next(4) {
+                0 => (
+                    "Observation",
+                    Kind::Lab,
+                    json!({"resourceType": "Observation", "id": id, "status": "final",
+                    "code": {"coding": [{"system": "http://jpfhir.jp/fhir/clins/CodeSystem/JLAC10/JP_CLINS_ObsLabResult_CoreLabo_CS", "code": lab_items[next(2) as usize]}]},
+                    "subject": {"reference": format!("Patient/{patient}")}, "effectiveDateTime": day}),
+                ),
+                1 => (
+                    "MedicationRequest",
+                    Kind::Prescription,
+                    json!({"resourceType": "MedicationRequest", "id": id, "status": "active", "intent": "order",
+                    "medicationCodeableConcept": {"text": "ガスター散２％"},
+                    "subject": {"reference": format!("Patient/{patient}")}, "authoredOn": day}),
+                ),
+                2 => (
+                    "DocumentReference",
+                    Kind::Referral,
+                    json!({"resourceType": "DocumentReference", "id": id, "status": "current",
+                    "subject": {"reference": format!("Patient/{patient}")}, "date": format!("{day}T10:00:00+09:00"),
+                    "content": [{"attachment": {"contentType": "application/fhir+json"}}]}),
+                ),
+                _ => (
+                    "Condition",
+                    Kind::Diagnosis,
+                    json!({"resourceType": "Condition", "id": id, "code": {"text": "胃癌"},
+                    "subject": {"reference": format!("Patient/{patient}")}, "recordedDate": day}),
+                ),
+            };
+            if next(8) == 0 {
+                r["meta"] = json!({"tag": [{"system": INDICATION_SYSTEM, "code": LTS}]});
+            }
+            mark(&mut r, kind, &[], at);
+            let mut tx = store.begin().unwrap();
+            tx.update(rt, &id, r.clone(), None, &wc).unwrap();
+            tx.commit().unwrap();
+            if kind == Kind::Referral {
+                unreceived.push(id.clone());
+            }
+            written.push(Entry::from_resource(rt, &r, Some(HOSP)).unwrap());
+        }
+        // some letters are received (at an instant of this interval, after registration)
+        let mut still = Vec::new();
+        for id in std::mem::take(&mut unreceived) {
+            let Some(e) = written.iter_mut().find(|e| e.id == id) else {
+                continue;
+            };
+            let Some(cur) = store
+                .read("DocumentReference", &id)
+                .unwrap()
+                .filter(|s| !s.deleted)
+            else {
+                continue;
+            };
+            if next(3) != 0 {
+                still.push(id);
+                continue;
+            }
+            let at = within(next(u64::MAX)).max(e.registered);
+            let mut r = cur.resource.unwrap();
+            mark_received(&mut r, at);
+            let mut tx = store.begin().unwrap();
+            tx.update("DocumentReference", &id, r, None, &wc).unwrap();
+            tx.commit().unwrap();
+            e.received = Some(at);
+        }
+        unreceived = still;
+        let report = run(&*store, &rules, now).unwrap();
+        runs += 1;
+        purged_total += report.purged;
+        assert_eq!(report.mode, if runs == 1 { "full" } else { "incremental" });
+        let due: BTreeSet<String> = doomed(&rules, &written, now)
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let mut stored = BTreeSet::new();
+        for e in &written {
+            if store
+                .read(&e.rt, &e.id)
+                .unwrap()
+                .is_some_and(|s| !s.deleted)
+            {
+                stored.insert(e.id.clone());
+            }
+        }
+        let expected: BTreeSet<String> = written
+            .iter()
+            .map(|e| e.id.clone())
+            .filter(|i| !due.contains(i))
+            .collect();
+        assert_eq!(stored, expected, "after run {runs} at {now}");
+    }
+    // the simulation did delete entries of every rule, and kept some past their period
+    assert!(purged_total > 20, "{purged_total}");
+    let full = run_with(&*store, &rules, t.now(), Mode::Full, false).unwrap();
+    assert_eq!(full.mode, "full");
+    assert_eq!(full.purged, 0, "{full:?}");
 }
 
 async fn lab_and_prescription_keep_latest_three(b: Backend) {
@@ -1144,11 +1351,13 @@ both_backends!(
     consent_categories_split_one_type,
     patients_never_see_documents_or_uninformed,
     referral_only_for_the_addressee_and_marked_received,
+    official_referral_example_reaches_its_addressee,
     checkup_reports_for_insurer_category_c_and_patient,
     summary_merges_what_the_reader_may_see,
     summary_lists_latest_infection_per_item,
     retention_rules_and_lts,
     lab_and_prescription_keep_latest_three,
+    incremental_retention_matches_the_rules_over_time,
     infection_notification_to_the_health_centre,
     signed_referral_is_verified,
 );
