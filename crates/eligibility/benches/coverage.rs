@@ -12,6 +12,10 @@
 //! DATA_DIR, or `--database postgres://...`); `coverage ...` is the same command as
 //! `tsunagi coverage ...`. The load generator is a separate process on loopback.
 
+/// The allocator of the `tsunagi` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -18,6 +18,10 @@
 //! with the benchmark pharmacy as author, so the pharmacy may identify them
 //! (`patient` identity) without a card reception in the `cycle` workload.
 
+/// The allocator of the `tsunagi` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

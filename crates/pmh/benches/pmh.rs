@@ -14,6 +14,10 @@
 //! $B ceiling --reports 4000 --concurrency 16 [--database 'host=... dbname=...']
 //! ```
 
+/// The allocator of the `tsunagi` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
