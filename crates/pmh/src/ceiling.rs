@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use chrono::{NaiveDate, SecondsFormat};
 use serde_json::{Value, json};
-use tsunagi_fhir::{FhirError, FhirResult, query};
+use tsunagi_fhir::{FhirError, FhirResult};
 use tsunagi_policy::identity::Role;
 use tsunagi_server::AppState;
 use tsunagi_server::engine::{WriteWork, blocking};
@@ -132,25 +132,11 @@ pub fn sum(reports: &[StoredResource]) -> (i64, Vec<(String, String, String, i64
 
 /// All reports of a key, read as the platform (callers check and audit).
 pub fn reports(store: &dyn Store, k: &str) -> FhirResult<Vec<StoredResource>> {
-    let mut all = Vec::new();
-    let mut offset = 0;
-    loop {
-        let q = query::parse(
-            "ChargeItem",
-            &[
-                ("identifier".into(), format!("{CEILING_KEY_SYSTEM}|{k}")),
-                ("_count".into(), "1000".into()),
-                ("_offset".into(), offset.to_string()),
-            ],
-        )?;
-        let found = store.search(&q, &Scope::Unrestricted)?;
-        let n = found.matches.len();
-        all.extend(found.matches);
-        if n < 1000 {
-            return Ok(all);
-        }
-        offset += n;
-    }
+    crate::http::search_all(
+        store,
+        "ChargeItem",
+        &[("identifier", format!("{CEILING_KEY_SYSTEM}|{k}"))],
+    )
 }
 
 /// The recipient Coverage of a person in a programme in force on a day.

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use tsunagi_fhir::{FhirResult, query};
-use tsunagi_store::{Scope, Store, WriteContext};
+use tsunagi_fhir::FhirResult;
+use tsunagi_store::{Store, WriteContext};
 
 use crate::recipients::{ext, ext_str};
 use crate::{PMH_KIND_SYSTEM, PMH_ORG};
@@ -119,31 +119,19 @@ impl CheckCounters {
     /// The counters over `store`, with what it holds already.
     pub fn load(store: Arc<dyn Store>) -> FhirResult<CheckCounters> {
         let mut months = BTreeMap::new();
-        let mut offset = 0;
-        loop {
-            let q = query::parse(
-                "Basic",
-                &[
-                    ("code".into(), format!("{PMH_KIND_SYSTEM}|{KIND}")),
-                    ("_count".into(), "1000".into()),
-                    ("_offset".into(), offset.to_string()),
-                ],
-            )?;
-            let found = store.search(&q, &Scope::Unrestricted)?;
-            let k = found.matches.len();
-            for s in found
-                .matches
-                .iter()
-                .filter(|s| s.author_org.as_deref() == Some(PMH_ORG))
-            {
-                if let Some((mu, mo, m)) = s.resource.as_ref().and_then(from_record) {
-                    months.insert((mu, mo), m);
-                }
+        let found = crate::http::search_all(
+            &*store,
+            "Basic",
+            &[("code", format!("{PMH_KIND_SYSTEM}|{KIND}"))],
+        )?;
+        // only the service's own records count
+        for s in found
+            .iter()
+            .filter(|s| s.author_org.as_deref() == Some(PMH_ORG))
+        {
+            if let Some((mu, mo, m)) = s.resource.as_ref().and_then(from_record) {
+                months.insert((mu, mo), m);
             }
-            if k < 1000 {
-                break;
-            }
-            offset += k;
         }
         let c = CheckCounters::empty(store);
         c.counts.lock().unwrap_or_else(|e| e.into_inner()).months = months;

@@ -9,6 +9,7 @@ use tsunagi_policy::identity::{OrgKind, Purpose, Role};
 use tsunagi_policy::policy::Operation;
 use tsunagi_server::http::fhir_json;
 use tsunagi_server::{AppState, Ctx};
+use tsunagi_store::{Scope, Store, StoredResource};
 
 /// The municipality (地方公共団体コード) a caller acts for, when municipality staff.
 pub fn municipality_of(ctx: &Ctx) -> Option<&str> {
@@ -96,4 +97,28 @@ pub fn searchset(found: impl IntoIterator<Item = tsunagi_store::StoredResource>)
 /// `Type/id/_history/v` of a stored resource (audit references).
 pub fn reference(s: &tsunagi_store::StoredResource) -> String {
     format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
+}
+
+/// Every match of an unscoped search (service reads that callers check and
+/// audit themselves), in pages of 1,000.
+pub fn search_all(
+    store: &dyn Store,
+    rt: &str,
+    params: &[(&str, String)],
+) -> FhirResult<Vec<StoredResource>> {
+    let mut all = Vec::new();
+    loop {
+        let mut p: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        p.push(("_count".into(), "1000".into()));
+        p.push(("_offset".into(), all.len().to_string()));
+        let found = store.search(&tsunagi_fhir::query::parse(rt, &p)?, &Scope::Unrestricted)?;
+        let n = found.matches.len();
+        all.extend(found.matches);
+        if n < 1000 {
+            return Ok(all);
+        }
+    }
 }
