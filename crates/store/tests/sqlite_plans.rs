@@ -248,7 +248,6 @@ fn tag_pages_are_driven_by_the_tag() {
     q.offset = 5000;
     let b = sql::search_page(Dialect::Sqlite, &q, &Scope::Unrestricted).unwrap();
     let p = plan(&c, &b);
-    println!("{}\n{p}", b.sql);
     assert!(
         p.contains("idx_token_value (rt=? AND param=? AND code=?")
             && !p.contains("SCAN")
