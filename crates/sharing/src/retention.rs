@@ -66,9 +66,54 @@ impl Default for Rules {
     }
 }
 
-fn plus_months(t: DateTime<Utc>, m: u32) -> DateTime<Utc> {
-    t.checked_add_months(Months::new(m))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+/// How long an entry is kept from its registration (or a letter from its receipt).
+#[derive(Debug, Clone, Copy)]
+enum Period {
+    /// Calendar months, clamped to the month's end.
+    Months(u32),
+    Days(i64),
+}
+
+impl Period {
+    /// The end of the period begun at `t`.
+    fn after(self, t: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Period::Months(m) => t
+                .checked_add_months(Months::new(m))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            Period::Days(d) => t + Duration::days(d),
+        }
+    }
+
+    /// The start of the period that ends at `t`, give or take the clamping
+    /// of calendar months (at most three days).
+    fn before(self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Period::Months(m) => t.checked_sub_months(Months::new(m)),
+            Period::Days(d) => Some(t - Duration::days(d)),
+        }
+    }
+}
+
+/// The retention period of a kind counted from registration (None: not
+/// expired by these rules; bodies go with their document, notifications are
+/// not the service's to expire).
+fn period(rules: &Rules, kind: Kind) -> Option<Period> {
+    Some(match kind {
+        Kind::Referral | Kind::DischargeSummary => Period::Months(rules.referral_months),
+        Kind::Checkup => Period::Months(12 * rules.checkup_years),
+        Kind::Diagnosis | Kind::DrugAllergy | Kind::OtherAllergy | Kind::Infection => {
+            Period::Months(12 * rules.clinical_years)
+        }
+        Kind::Lab => Period::Months(12 * rules.lab_years),
+        Kind::Prescription => Period::Days(rules.prescription_days),
+        Kind::DocumentBody | Kind::Notification => return None,
+    })
+}
+
+/// The period a received letter is kept after its receipt.
+fn after_receipt(rules: &Rules) -> Period {
+    Period::Days(rules.referral_after_receipt_days)
 }
 
 /// One stored entry as retention sees it.
@@ -129,24 +174,12 @@ pub fn expiry(rules: &Rules, e: &Entry) -> Option<DateTime<Utc>> {
     if e.lts {
         return None;
     }
-    Some(match e.kind {
-        Kind::Referral | Kind::DischargeSummary => {
-            let by_age = plus_months(e.registered, rules.referral_months);
-            match e.received {
-                Some(r) => {
-                    by_age.min(r + chrono::Duration::days(rules.referral_after_receipt_days))
-                }
-                None => by_age,
-            }
+    let by_age = period(rules, e.kind)?.after(e.registered);
+    Some(match (e.kind, e.received) {
+        (Kind::Referral | Kind::DischargeSummary, Some(r)) => {
+            by_age.min(after_receipt(rules).after(r))
         }
-        Kind::Checkup => plus_months(e.registered, 12 * rules.checkup_years),
-        Kind::Diagnosis | Kind::DrugAllergy | Kind::OtherAllergy | Kind::Infection => {
-            plus_months(e.registered, 12 * rules.clinical_years)
-        }
-        Kind::Lab => plus_months(e.registered, 12 * rules.lab_years),
-        Kind::Prescription => e.registered + chrono::Duration::days(rules.prescription_days),
-        // bodies go with their document; notifications are not the service's to expire
-        Kind::DocumentBody | Kind::Notification => return None,
+        _ => by_age,
     })
 }
 
@@ -183,15 +216,6 @@ pub struct Report {
     pub purged: usize,
     pub ids: Vec<String>,
 }
-
-/// Types the service stores entries of.
-pub const TYPES: [&str; 5] = [
-    "Condition",
-    "AllergyIntolerance",
-    "Observation",
-    "MedicationRequest",
-    "DocumentReference",
-];
 
 /// The store type of each kind retention applies to.
 const KINDS_BY_TYPE: [(&str, &[Kind]); 5] = [
@@ -246,52 +270,24 @@ fn due_hours(
     last: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Vec<DateTime<Utc>> {
-    let expiry_at = |t: DateTime<Utc>| {
-        if received {
-            return Some(t + Duration::days(rules.referral_after_receipt_days));
-        }
-        expiry(
-            rules,
-            &Entry {
-                rt: String::new(),
-                id: String::new(),
-                kind,
-                patient: String::new(),
-                registered: t,
-                received: None,
-                lts: false,
-                group: String::new(),
-                date: String::new(),
-                body: None,
-            },
-        )
+    // an entry registered (a letter received) at `t` is due at `p.after(t)`;
+    // (LTS keeps it forever and a receipt ends it sooner: judged per entry)
+    let Some(p) = (if received {
+        Some(after_receipt(rules))
+    } else {
+        period(rules, kind)
+    }) else {
+        return Vec::new();
     };
-    // registration time whose period ends at `t`, give or take the clamping of
-    // calendar months (at most three days)
-    let back = |t: DateTime<Utc>| -> Option<DateTime<Utc>> {
-        let months = |m: u32| t.checked_sub_months(Months::new(m));
-        match kind {
-            _ if received => Some(t - Duration::days(rules.referral_after_receipt_days)),
-            Kind::Referral | Kind::DischargeSummary => months(rules.referral_months),
-            Kind::Checkup => months(12 * rules.checkup_years),
-            Kind::Diagnosis | Kind::DrugAllergy | Kind::OtherAllergy | Kind::Infection => {
-                months(12 * rules.clinical_years)
-            }
-            Kind::Lab => months(12 * rules.lab_years),
-            Kind::Prescription => Some(t - Duration::days(rules.prescription_days)),
-            Kind::DocumentBody | Kind::Notification => None,
-        }
-    };
-    let (Some(from), Some(to)) = (back(last), back(now)) else {
+    let (Some(from), Some(to)) = (p.before(last), p.before(now)) else {
         return Vec::new();
     };
     let hour = Duration::hours(1);
     let mut out = Vec::new();
     let mut h = floor_hour(from - Duration::days(4));
     while h <= to + Duration::days(4) {
-        let first_due_by_now = expiry_at(h).is_some_and(|e| e <= now);
-        let last_not_due_before =
-            expiry_at(h + hour - Duration::milliseconds(1)).is_some_and(|e| e > last);
+        let first_due_by_now = p.after(h) <= now;
+        let last_not_due_before = p.after(h + hour - Duration::milliseconds(1)) > last;
         if first_due_by_now && last_not_due_before {
             out.push(h);
         }
@@ -382,7 +378,7 @@ impl Run<'_> {
     /// Every entry of every type, judged one keyset page at a time.
     fn full(&mut self) -> FhirResult<()> {
         self.report.mode = "full";
-        for rt in TYPES {
+        for (rt, _) in KINDS_BY_TYPE {
             let store = self.store;
             scan_type(store, rt, |page| self.examine(page, false))?;
         }
@@ -390,10 +386,9 @@ impl Run<'_> {
     }
 
     /// Entries tagged in `system` with one of `hours`, up to
-    /// [`HOURS_PER_QUERY`] hours per query (the newest hour, which may hold
-    /// entries not yet due, alone): their ids in one query, then the entries
-    /// by id, one page at a time, so the cost is linear in the hours' entries
-    /// whatever is kept or purged.
+    /// [`HOURS_PER_QUERY`] hours per query: their ids in one query, then the
+    /// entries by id, one page at a time, so the cost is linear in the hours'
+    /// entries whatever is kept or purged.
     fn by_hours(
         &mut self,
         rt: &str,
@@ -404,14 +399,10 @@ impl Run<'_> {
             .iter()
             .map(|h| format!("{system}|{}", hour_code(*h)))
             .collect();
-        let Some((newest, older)) = codes.split_last() else {
-            return Ok(());
-        };
-        let mut batches: Vec<String> = older.chunks(HOURS_PER_QUERY).map(|c| c.join(",")).collect();
-        batches.push(newest.clone());
+        let batches = codes.chunks(HOURS_PER_QUERY).map(|c| c.join(","));
         for values in batches {
             // the ids first (no bodies), then the entries in pages by id: what
-            // this run purges or keeps never shifts a page
+            // this run purges never shifts a page
             let mut q = query::parse(
                 rt,
                 &[("_tag".into(), values), ("_sort".into(), "_id".into())],
