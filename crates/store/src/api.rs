@@ -339,6 +339,14 @@ pub trait Transaction {
         ))
     }
 
+    /// Drops the versions of a resource older than its current one; the
+    /// current version keeps its number and the next write continues from it.
+    /// For records a service derives from other resources and can rebuild
+    /// (e.g. the e-prescription medication index): their history is nobody's
+    /// record, and kept it would grow with every write. Returns how many
+    /// versions were dropped (0 for an unknown resource).
+    fn forget_history(&mut self, resource_type: &str, id: &str) -> FhirResult<u64>;
+
     /// Current version as seen inside this transaction.
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;
 

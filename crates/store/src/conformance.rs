@@ -99,6 +99,7 @@ macro_rules! conformance_tests {
             latest_per_group,
             scan_keyset_pages,
             search_meta_tag_and_profile,
+            forget_history_keeps_only_the_current_version,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2005,6 +2006,57 @@ pub fn security_label_scopes(h: &dyn Harness) {
 
 /// Purge removes every version and index row, inside the transaction (rollback
 /// keeps it), and frees the id.
+/// A derived record's history can be dropped: the current version stays
+/// (readable, searchable, same number), older ones are gone, and the next write
+/// continues the numbering. Rolled back, nothing is dropped.
+pub fn forget_history_keeps_only_the_current_version(h: &dyn Harness) {
+    let s = h.store();
+    let versions = |s: &dyn Store| {
+        s.history(&HistoryQuery {
+            resource_type: Some("Basic".into()),
+            id: Some("idx".into()),
+            count: 10,
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|r| r.version)
+        .collect::<Vec<_>>()
+    };
+    let body = |n: i64| json!({"resourceType": "Basic", "code": {"text": format!("v{n}")}});
+    for n in 1..=3 {
+        let mut tx = s.begin().unwrap();
+        tx.update("Basic", "idx", body(n), None, &ctx("A")).unwrap();
+        tx.commit().unwrap();
+    }
+    {
+        let mut tx = s.begin().unwrap();
+        assert_eq!(tx.forget_history("Basic", "idx").unwrap(), 2);
+    }
+    assert_eq!(versions(s), vec![3, 2, 1]);
+    let mut tx = s.begin().unwrap();
+    assert_eq!(tx.forget_history("Basic", "idx").unwrap(), 2);
+    assert_eq!(tx.forget_history("Basic", "idx").unwrap(), 0);
+    assert_eq!(tx.forget_history("Basic", "never").unwrap(), 0);
+    tx.commit().unwrap();
+    assert_eq!(versions(s), vec![3]);
+    assert!(s.vread("Basic", "idx", 2).unwrap().is_none());
+    let cur = s.read("Basic", "idx").unwrap().unwrap();
+    assert_eq!(
+        (cur.version, cur.resource.unwrap()["code"]["text"].clone()),
+        (3, json!("v3"))
+    );
+    assert_eq!(
+        find(s, "Basic", "_id", Criterion::Id(v(&["idx"]))),
+        v(&["idx"])
+    );
+    let mut tx = s.begin().unwrap();
+    let (next, _) = tx.update("Basic", "idx", body(4), None, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(next.version, 4);
+    assert_eq!(versions(s), vec![4, 3]);
+}
+
 pub fn purge_removes_everything(h: &dyn Harness) {
     let s = h.store();
     seed_clinical(s);

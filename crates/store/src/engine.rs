@@ -86,6 +86,8 @@ pub(crate) trait TxOps: Ops {
     ) -> FhirResult<()>;
     /// Removes the version rows and the current row of a resource.
     fn remove_resource(&mut self, rid: i64) -> FhirResult<()>;
+    /// Removes the version rows older than `version`; how many.
+    fn remove_versions_before(&mut self, rid: i64, version: i64) -> FhirResult<u64>;
     /// Removes every index entry of the resource.
     fn clear_index(&mut self, rid: i64) -> FhirResult<()>;
     fn insert_index(&mut self, rid: i64, rt: &str, entries: &[IndexEntry]) -> FhirResult<()>;
@@ -354,6 +356,13 @@ pub(crate) fn purge<T: TxOps + ?Sized>(t: &mut T, rt: &str, id: &str) -> FhirRes
     t.clear_index(cur.rid)?;
     t.remove_resource(cur.rid)?;
     Ok(Some(cur.version))
+}
+
+pub(crate) fn forget_history<T: TxOps + ?Sized>(t: &mut T, rt: &str, id: &str) -> FhirResult<u64> {
+    match t.current(rt, id)? {
+        Some(cur) => t.remove_versions_before(cur.rid, cur.version),
+        None => Ok(0),
+    }
 }
 
 /// Runs a search: page, total (counted only when the page does not tell it), includes.

@@ -448,6 +448,13 @@ impl TxOps for PgOps<'_> {
         Ok(())
     }
 
+    fn remove_versions_before(&mut self, rid: i64, version: i64) -> FhirResult<u64> {
+        self.execute(
+            "DELETE FROM resource_version WHERE rid = $1 AND version < $2",
+            &[&rid, &version],
+        )
+    }
+
     fn clear_index(&mut self, rid: i64) -> FhirResult<()> {
         self.execute(CLEAR_INDEX, &[&rid])?;
         Ok(())
@@ -620,6 +627,10 @@ impl Transaction for PgTransaction<'_> {
 
     fn purge(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<i64>> {
         engine::purge(&mut self.ops(), resource_type, id)
+    }
+
+    fn forget_history(&mut self, resource_type: &str, id: &str) -> FhirResult<u64> {
+        engine::forget_history(&mut self.ops(), resource_type, id)
     }
 
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {

@@ -475,6 +475,16 @@ impl TxOps for SqliteOps<'_> {
         Ok(())
     }
 
+    fn remove_versions_before(&mut self, rid: i64, version: i64) -> FhirResult<u64> {
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM resource_version WHERE rid = ?1 AND version < ?2")
+            .map_err(db_err)?
+            .execute(params![rid, version])
+            .map_err(db_err)?;
+        Ok(n as u64)
+    }
+
     fn clear_index(&mut self, rid: i64) -> FhirResult<()> {
         for sql in CLEAR_INDEX {
             self.conn
@@ -645,6 +655,10 @@ impl Transaction for SqliteTransaction<'_> {
 
     fn purge(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<i64>> {
         engine::purge(&mut self.ops(), resource_type, id)
+    }
+
+    fn forget_history(&mut self, resource_type: &str, id: &str) -> FhirResult<u64> {
+        engine::forget_history(&mut self.ops(), resource_type, id)
     }
 
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
