@@ -834,6 +834,25 @@ async fn refill_and_split_dispensing(b: Backend) {
         .filter(|e| e["resourceType"] == "MedicationDispense")
         .count();
     assert_eq!(dispenses, 6, "{}", mine.text);
+    // the medication index was rewritten by the prescription and each of the six
+    // dispensings, and keeps only its current version
+    let (store, index) = (
+        s.store.clone(),
+        tsunagi_eprescription::model::index_id("f1"),
+    );
+    let history = tokio::task::spawn_blocking(move || {
+        store.history(&tsunagi_store::HistoryQuery {
+            resource_type: Some("Basic".into()),
+            id: Some(index),
+            count: 20,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let versions: Vec<i64> = history.iter().map(|r| r.version).collect();
+    assert_eq!(versions, vec![7]);
 }
 
 // ---------------------------------------------------------------- alerts
