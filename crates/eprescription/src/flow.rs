@@ -381,7 +381,7 @@ fn update_index(
             }
         })?,
     };
-    // derived from the prescriptions and dispensings, rebuilt by every write:
+    // derived from the prescriptions and dispensings, rewritten by every write:
     // its earlier versions would only grow the store (two per dispensing cycle)
     tx.forget_history("Basic", &id)?;
     Ok(reference(&stored))

@@ -341,9 +341,10 @@ pub trait Transaction {
 
     /// Drops the versions of a resource older than its current one; the
     /// current version keeps its number and the next write continues from it.
-    /// For records a service derives from other resources and can rebuild
-    /// (e.g. the e-prescription medication index): their history is nobody's
-    /// record, and kept it would grow with every write. Returns how many
+    /// For records a service derives from other resources (e.g. the
+    /// e-prescription medication index): their history is nobody's record, and
+    /// kept it would grow with every write. Audit records that named a dropped
+    /// version keep naming it; it no longer reads. Returns how many
     /// versions were dropped (0 for an unknown resource).
     fn forget_history(&mut self, resource_type: &str, id: &str) -> FhirResult<u64>;
 

@@ -2004,8 +2004,6 @@ pub fn security_label_scopes(h: &dyn Harness) {
     assert!(!f.admits(&[]));
 }
 
-/// Purge removes every version and index row, inside the transaction (rollback
-/// keeps it), and frees the id.
 /// A derived record's history can be dropped: the current version stays
 /// (readable, searchable, same number), older ones are gone, and the next write
 /// continues the numbering. Rolled back, nothing is dropped.
@@ -2057,6 +2055,8 @@ pub fn forget_history_keeps_only_the_current_version(h: &dyn Harness) {
     assert_eq!(versions(s), vec![4, 3]);
 }
 
+/// Purge removes every version and index row, inside the transaction (rollback
+/// keeps it), and frees the id.
 pub fn purge_removes_everything(h: &dyn Harness) {
     let s = h.store();
     seed_clinical(s);
