@@ -7,9 +7,11 @@
 //! - [`index`]: extraction of index values from a resource for its search parameters.
 //! - [`datetime`]: FHIR date/dateTime/instant parsing into ranges.
 //! - [`bundle`]: Bundle construction helpers.
+//! - [`extension`]: finding extensions by URL.
 
 pub mod bundle;
 pub mod datetime;
+pub mod extension;
 pub mod index;
 pub mod model;
 pub mod outcome;

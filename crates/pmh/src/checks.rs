@@ -17,6 +17,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tsunagi_fhir::FhirResult;
+use tsunagi_fhir::extension::{extension, extensions};
 use tsunagi_store::{Store, WriteContext};
 
 use crate::recipients::{ext, ext_str};
@@ -77,11 +78,7 @@ fn to_record(municipality: &str, month: &str, m: &MonthChecks) -> Value {
 }
 
 fn ext_int(r: &Value, url: &str) -> u64 {
-    r.get("extension")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(url))
+    extension(r, url)
         .and_then(|e| e.get("valueInteger"))
         .and_then(Value::as_u64)
         .unwrap_or(0)
@@ -95,21 +92,8 @@ fn from_record(r: &Value) -> Option<(String, String, MonthChecks)> {
         ..MonthChecks::default()
     };
     let url = ext("programme-checks");
-    for e in r
-        .get("extension")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|e| e.get("url").and_then(Value::as_str) == Some(url.as_str()))
-    {
-        let p = e
-            .get("extension")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .find(|x| x.get("url").and_then(Value::as_str) == Some("programme"))
-            .and_then(|x| x.get("valueString"))
-            .and_then(Value::as_str)?;
+    for e in extensions(r, &url) {
+        let p = extension(e, "programme")?.get("valueString")?.as_str()?;
         m.by_programme.insert(p.to_string(), ext_int(e, "checks"));
     }
     Some((municipality, month, m))

@@ -39,6 +39,7 @@ use axum::{Extension, Router};
 use chrono::{Duration, NaiveDate};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tsunagi_fhir::extension::extension;
 use tsunagi_fhir::{FhirError, FhirResult, query};
 use tsunagi_policy::audit::{AuditRecord, Outcome};
 use tsunagi_policy::ids::{validate_public_payer_number, validate_recipient_number};
@@ -348,22 +349,12 @@ pub fn set_key(municipality: &str, programme: &str, recipient: &str) -> String {
 
 /// Reads a string extension of a PMH Coverage.
 pub fn ext_str<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
-    let url = ext(name);
-    c.get("extension")?
-        .as_array()?
-        .iter()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(url.as_str()))?
-        .get("valueString")?
-        .as_str()
+    extension(c, &ext(name))?.get("valueString")?.as_str()
 }
 
 /// The monthly ceiling of a PMH Coverage, in yen.
 pub fn ceiling_of(c: &Value) -> Option<u64> {
-    let url = ext("monthly-ceiling");
-    c.get("extension")?
-        .as_array()?
-        .iter()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(url.as_str()))?
+    extension(c, &ext("monthly-ceiling"))?
         .pointer("/valueMoney/value")?
         .as_u64()
 }

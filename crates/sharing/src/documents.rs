@@ -18,6 +18,7 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use base64::Engine as _;
 use serde_json::{Value, json};
+use tsunagi_fhir::extension::extension;
 use tsunagi_fhir::{FhirError, FhirResult, query};
 use tsunagi_policy::audit::Outcome;
 use tsunagi_server::engine::blocking;
@@ -98,12 +99,7 @@ pub fn body_of(store: &dyn Store, doc: &Value, author: &str) -> FhirResult<Value
         .read("Basic", &id)?
         .and_then(|b| b.resource)
         .ok_or_else(|| FhirError::not_found("the document body is no longer stored"))?;
-    let data = basic
-        .get("extension")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(BODY_EXT))
+    let data = extension(&basic, BODY_EXT)
         .and_then(|e| e.pointer("/valueAttachment/data"))
         .and_then(Value::as_str)
         .ok_or_else(|| FhirError::internal("stored document body is empty"))?;
