@@ -7,6 +7,7 @@
 //! printing why). Cases panic on failure, like any test.
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 /// The PostgreSQL test database named by `TSUNAGI_TEST_PG`, or None after printing
 /// a `SKIPPED` line naming `what` past the test harness's output capture, so the
 /// skip shows in CI logs. Every suite that has a PostgreSQL half uses this.
@@ -2347,4 +2348,115 @@ pub fn search_meta_tag_and_profile(h: &dyn Harness) {
     tx.commit().unwrap();
     assert_eq!(tag("2026-11-21T10"), Vec::<String>::new());
     assert_eq!(tag("2026-11-21T12"), v(&["p1"]));
+}
+
+/// A database at schema version 1, for each backend's migration test: the
+/// bootstrap table, migration 1, and resources as version 1 stored them (a
+/// patient, a patient with two versions, a deleted patient, a labelled
+/// observation), without index rows: migration 2 must build them from the bodies.
+pub fn version1_database(d: crate::sql::Dialect) -> String {
+    let v1_sql = &crate::schema::migrations(d)[0].1;
+    let now = 1_763_800_000_000i64;
+    let mut sql = format!("{};\n{v1_sql};\n", crate::schema::bootstrap(d));
+    sql.push_str(match d {
+        crate::sql::Dialect::Sqlite => {
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (1, '2026-11-21T00:00:00.000Z');\n"
+        }
+        crate::sql::Dialect::Postgres => "INSERT INTO schema_migrations (version) VALUES (1);\n",
+    });
+    // (rid, type, id, patient compartment, versions: bodies, None for a deletion)
+    let p1 = json!({"resourceType": "Patient", "id": "p1", "identifier": [{"system": "urn:test", "value": "123"}],
+        "name": [{"family": "山田"}], "birthDate": "1980-01-02"});
+    let p2a = json!({"resourceType": "Patient", "id": "p2", "name": [{"family": "Old"}]});
+    let p2b = json!({"resourceType": "Patient", "id": "p2", "name": [{"family": "New"}]});
+    let p3 = json!({"resourceType": "Patient", "id": "p3", "name": [{"family": "Gone"}]});
+    let o1 = json!({"resourceType": "Observation", "id": "o1", "status": "final",
+        "meta": {"security": [{"system": "urn:label", "code": "A"}]},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "1234-5"}]},
+        "subject": {"reference": "Patient/p1"}});
+    let rows = [
+        (1, "Patient", "p1", "p1", vec![Some(&p1)]),
+        (2, "Patient", "p2", "p2", vec![Some(&p2a), Some(&p2b)]),
+        (3, "Patient", "p3", "p3", vec![Some(&p3), None]),
+        (4, "Observation", "o1", "p1", vec![Some(&o1)]),
+    ];
+    let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    for (rid, rt, id, patient, versions) in rows {
+        let last = versions.len() as i64;
+        let deleted = versions.last().is_some_and(|b| b.is_none());
+        let _ = writeln!(
+            sql,
+            "INSERT INTO resource_current (rid, rt, id, version, last_updated, deleted, patient_id, author_org) \
+             VALUES ({rid}, {}, {}, {last}, {now}, {deleted}, {}, NULL);",
+            q(rt),
+            q(id),
+            q(patient)
+        );
+        for (i, body) in versions.iter().enumerate() {
+            let body = body.map_or("NULL".to_string(), |b| q(&b.to_string()));
+            let _ = writeln!(
+                sql,
+                "INSERT INTO resource_version (rid, version, rt, last_updated, deleted, author_org, author_user, body) \
+                 VALUES ({rid}, {}, {}, {now}, {}, NULL, NULL, {body});",
+                i + 1,
+                q(rt),
+                body == "NULL"
+            );
+        }
+    }
+    sql
+}
+
+/// Asserts that a store opened on [`version1_database`] is at the latest schema
+/// and finds exactly what the current versions say, by every kind of entry
+/// the fixture has; and that writes after the migration keep the index true.
+pub fn check_migrated_from_version1(s: &dyn Store) {
+    assert_eq!(s.schema_version().unwrap(), crate::schema::latest());
+    let name = |n: &str| find(s, "Patient", "name", string(StringMode::StartsWith, n));
+    assert_eq!(name("山田"), v(&["p1"]));
+    assert_eq!(name("New"), v(&["p2"]));
+    assert!(name("Old").is_empty(), "an old version is not indexed");
+    assert!(name("Gone").is_empty(), "a deleted resource is not indexed");
+    let id = tok(Some(Some("urn:test")), Some("123"));
+    assert_eq!(
+        find(s, "Patient", "identifier", token(vec![id])),
+        v(&["p1"])
+    );
+    let birth = Criterion::Date(vec![dm(Prefix::Eq, "1980-01-02")]);
+    assert_eq!(find(s, "Patient", "birthdate", birth), v(&["p1"]));
+    let subject = Criterion::Reference(vec![RefMatch {
+        target_type: Some("Patient".into()),
+        target_id: "p1".into(),
+    }]);
+    assert_eq!(find(s, "Observation", "subject", subject), v(&["o1"]));
+    let code = tok(Some(Some("http://loinc.org")), Some("1234-5"));
+    assert_eq!(
+        find(s, "Observation", "code", token(vec![code])),
+        v(&["o1"])
+    );
+    let labelled = |code: &str| {
+        let scope = Scope::AnyOf(vec![ScopeRule::Label {
+            system: "urn:label".into(),
+            code: code.into(),
+            types: None,
+        }]);
+        sorted_ids(
+            &s.search(&SearchQuery::new("Observation"), &scope)
+                .expect("search"),
+        )
+    };
+    assert_eq!(labelled("A"), v(&["o1"]));
+    assert!(labelled("B").is_empty());
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Patient",
+        "p1",
+        json!({"resourceType": "Patient", "name": [{"family": "佐藤"}]}),
+        Some(1),
+        &ctx("org"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(name("佐藤"), v(&["p1"]));
+    assert!(name("山田").is_empty());
 }

@@ -183,6 +183,55 @@ fn check_id(id: &str) -> FhirResult<()> {
     }
 }
 
+/// The index entries of a resource body: its search parameters' values and its
+/// security labels, which drive scope rules (ScopeRule::Labeled / Label).
+fn index_entries(rt: &str, body: &Value) -> Vec<IndexEntry> {
+    let mut entries = tsunagi_fhir::index::extract(rt, body);
+    for (system, code) in crate::api::security_labels(body) {
+        let entry = IndexEntry {
+            param: sql::SECURITY_PARAM.to_string(),
+            value: tsunagi_fhir::search::IndexValue::Token {
+                system: Some(system),
+                code,
+            },
+        };
+        if !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    }
+    entries
+}
+
+/// Resources read per page while rebuilding the index.
+const REINDEX_PAGE: usize = 1000;
+
+/// Rebuilds the index entries of every current resource from its body (after a
+/// migration that changed the index tables; they are empty then). Returns how
+/// many resources were indexed.
+pub(crate) fn reindex_all<T: TxOps + ?Sized>(t: &mut T) -> FhirResult<u64> {
+    let d = t.dialect();
+    let mut after = 0;
+    let mut n = 0u64;
+    loop {
+        let rows = t.rows(&sql::reindex_page(d, after, REINDEX_PAGE))?;
+        let Some(last) = rows.last() else { break };
+        after = last.rid;
+        for row in &rows {
+            if let Some(body) = &row.res.resource {
+                let entries = index_entries(&row.res.resource_type, body);
+                if !entries.is_empty() {
+                    t.insert_index(row.rid, &row.res.resource_type, &entries)?;
+                }
+            }
+        }
+        n += rows.len() as u64;
+        if n.is_multiple_of(100 * REINDEX_PAGE as u64) {
+            tracing::info!(resources = n, "rebuilding the search index");
+        }
+    }
+    Ok(n)
+}
+
 /// Writes a new version (creating the resource when `cur` is None). `Err(body)`
 /// when a concurrent transaction created the resource first; the body comes back
 /// so the caller can retry without having cloned it.
@@ -205,20 +254,10 @@ fn write_version<T: TxOps + ?Sized>(
         None => None,
     };
     let (entries, patient) = match &body {
-        Some(b) => {
-            let mut entries = tsunagi_fhir::index::extract(rt, b);
-            // security labels drive scope rules (ScopeRule::Labeled / Label)
-            for (system, code) in crate::api::security_labels(b) {
-                entries.push(IndexEntry {
-                    param: sql::SECURITY_PARAM.to_string(),
-                    value: tsunagi_fhir::search::IndexValue::Token {
-                        system: Some(system),
-                        code,
-                    },
-                });
-            }
-            (entries, tsunagi_fhir::index::compartment_patient(rt, b))
-        }
+        Some(b) => (
+            index_entries(rt, b),
+            tsunagi_fhir::index::compartment_patient(rt, b),
+        ),
         None => (Vec::new(), None),
     };
     let row = CurrentRow {

@@ -10,7 +10,7 @@ pub mod audit;
 pub mod conformance;
 mod engine;
 pub mod postgres;
-mod schema;
+pub mod schema;
 pub mod sql;
 pub mod sqlite;
 

@@ -180,8 +180,18 @@ impl PgStore {
     /// servers starting together apply each migration exactly once.
     fn migrate(&self) -> FhirResult<()> {
         let mut conn = self.conn()?;
-        let c = &mut conn.client;
-        let mut tx = c.transaction().map_err(pg_err)?;
+        conn.client.batch_execute("BEGIN").map_err(pg_err)?;
+        match self.migrate_in(&mut conn) {
+            Ok(()) => conn.client.batch_execute("COMMIT").map_err(pg_err),
+            Err(e) => {
+                let _ = conn.client.batch_execute("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn migrate_in(&self, conn: &mut PgConn) -> FhirResult<()> {
+        let tx = &mut conn.client;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&schema::PG_MIGRATION_LOCK],
@@ -202,6 +212,7 @@ impl PgStore {
             )
             .map_err(pg_err)?
             .get(0);
+        let mut reindex = false;
         for (version, ddl) in schema::migrations(Dialect::Postgres) {
             if version <= current {
                 continue;
@@ -213,8 +224,13 @@ impl PgStore {
             )
             .map_err(pg_err)?;
             tracing::info!(version, "postgres migration applied");
+            reindex |= schema::REINDEX_AFTER.contains(&version);
         }
-        tx.commit().map_err(pg_err)
+        if reindex {
+            let n = engine::reindex_all(&mut PgOps { conn, st: &self.st })?;
+            tracing::info!(resources = n, "search index rebuilt");
+        }
+        Ok(())
     }
 
     /// Test hook: runs raw SQL (used by the conformance suite to tamper with the
@@ -328,38 +344,33 @@ impl Ops for PgOps<'_> {
     }
 }
 
-const INSERT_STRING: &str = "INSERT INTO idx_string (rid, rt, param, norm, exact) \
-     SELECT $1::bigint, $2::text, * FROM unnest($3::text[], $4::text[], $5::text[])";
-const INSERT_TOKEN: &str = "INSERT INTO idx_token (rid, rt, param, system, code) \
-     SELECT $1::bigint, $2::text, * FROM unnest($3::text[], $4::text[], $5::text[])";
-const INSERT_DATE: &str = "INSERT INTO idx_date (rid, rt, param, lo, hi) \
-     SELECT $1::bigint, $2::text, * FROM unnest($3::text[], $4::bigint[], $5::bigint[])";
-const INSERT_NUMBER: &str = "INSERT INTO idx_number (rid, rt, param, value, system, code) \
-     SELECT $1::bigint, $2::text, * FROM unnest($3::text[], $4::float8[], $5::text[], $6::text[])";
-const INSERT_REFERENCE: &str = "INSERT INTO idx_reference (rid, rt, param, target_type, target_id) \
-     SELECT $1::bigint, $2::text, * FROM unnest($3::text[], $4::text[], $5::text[])";
-const INSERT_URI: &str = "INSERT INTO idx_uri (rid, rt, param, value) SELECT $1::bigint, $2::text, * FROM unnest($3::text[], $4::text[])";
-const CLEAR_INDEX: &str = "WITH a AS (DELETE FROM idx_string WHERE rid = $1), b AS (DELETE FROM idx_token WHERE rid = $1), \
-     c AS (DELETE FROM idx_date WHERE rid = $1), d AS (DELETE FROM idx_number WHERE rid = $1), \
-     e AS (DELETE FROM idx_reference WHERE rid = $1) DELETE FROM idx_uri WHERE rid = $1";
+// An entry a resource already has (the key is the whole row) is one entry.
+const INSERT_STRING: &str = "INSERT INTO ix_string (rid, k, norm, exact) \
+     SELECT $1::bigint, * FROM unnest($2::bigint[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING";
+const INSERT_TOKEN: &str = "INSERT INTO ix_token (rid, k, system, code) \
+     SELECT $1::bigint, * FROM unnest($2::bigint[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING";
+const INSERT_DATE: &str = "INSERT INTO ix_date (rid, k, lo, hi) \
+     SELECT $1::bigint, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) ON CONFLICT DO NOTHING";
+const INSERT_NUMBER: &str = "INSERT INTO ix_number (rid, k, value, system, code) \
+     SELECT $1::bigint, * FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::text[]) ON CONFLICT DO NOTHING";
+const INSERT_REFERENCE: &str = "INSERT INTO ix_reference (rid, k, target_type, target_id) \
+     SELECT $1::bigint, * FROM unnest($2::bigint[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING";
+const INSERT_URI: &str = "INSERT INTO ix_uri (rid, k, value) \
+     SELECT $1::bigint, * FROM unnest($2::bigint[], $3::text[]) ON CONFLICT DO NOTHING";
+const CLEAR_INDEX: &str = "WITH a AS (DELETE FROM ix_string WHERE rid = $1), b AS (DELETE FROM ix_token WHERE rid = $1), \
+     c AS (DELETE FROM ix_date WHERE rid = $1), d AS (DELETE FROM ix_number WHERE rid = $1), \
+     e AS (DELETE FROM ix_reference WHERE rid = $1) DELETE FROM ix_uri WHERE rid = $1";
 
-/// param, value, system, code.
-type NumberColumns<'a> = (
-    Vec<&'a str>,
-    Vec<f64>,
-    Vec<Option<&'a str>>,
-    Vec<Option<&'a str>>,
-);
-
-/// Index entries split per table, as column arrays for one `unnest` insert each.
+/// Index entries split per table, as column arrays (the key first) for one
+/// `unnest` insert each; absent optional parts are [`sql::ABSENT`].
 #[derive(Default)]
 struct Columns<'a> {
-    s: (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>),
-    t: (Vec<&'a str>, Vec<Option<&'a str>>, Vec<&'a str>),
-    d: (Vec<&'a str>, Vec<i64>, Vec<i64>),
-    n: NumberColumns<'a>,
-    r: (Vec<&'a str>, Vec<Option<&'a str>>, Vec<&'a str>),
-    u: (Vec<&'a str>, Vec<&'a str>),
+    s: (Vec<i64>, Vec<&'a str>, Vec<&'a str>),
+    t: (Vec<i64>, Vec<&'a str>, Vec<&'a str>),
+    d: (Vec<i64>, Vec<i64>, Vec<i64>),
+    n: (Vec<i64>, Vec<f64>, Vec<&'a str>, Vec<&'a str>),
+    r: (Vec<i64>, Vec<&'a str>, Vec<&'a str>),
+    u: (Vec<i64>, Vec<&'a str>),
 }
 
 impl TxOps for PgOps<'_> {
@@ -462,8 +473,11 @@ impl TxOps for PgOps<'_> {
 
     fn insert_index(&mut self, rid: i64, rt: &str, entries: &[IndexEntry]) -> FhirResult<()> {
         let mut c = Columns::default();
+        fn opt(s: &Option<String>) -> &str {
+            s.as_deref().unwrap_or(sql::ABSENT)
+        }
         for e in entries {
-            let p = e.param.as_str();
+            let p = sql::param_key(rt, &e.param);
             match &e.value {
                 IndexValue::String { norm, exact } => {
                     c.s.0.push(p);
@@ -472,7 +486,7 @@ impl TxOps for PgOps<'_> {
                 }
                 IndexValue::Token { system, code } => {
                     c.t.0.push(p);
-                    c.t.1.push(system.as_deref());
+                    c.t.1.push(opt(system));
                     c.t.2.push(code);
                 }
                 IndexValue::Date { lo, hi } => {
@@ -483,8 +497,8 @@ impl TxOps for PgOps<'_> {
                 IndexValue::Number { value } => {
                     c.n.0.push(p);
                     c.n.1.push(*value);
-                    c.n.2.push(None);
-                    c.n.3.push(None);
+                    c.n.2.push(sql::ABSENT);
+                    c.n.3.push(sql::ABSENT);
                 }
                 IndexValue::Quantity {
                     value,
@@ -493,15 +507,15 @@ impl TxOps for PgOps<'_> {
                 } => {
                     c.n.0.push(p);
                     c.n.1.push(*value);
-                    c.n.2.push(system.as_deref());
-                    c.n.3.push(code.as_deref());
+                    c.n.2.push(opt(system));
+                    c.n.3.push(opt(code));
                 }
                 IndexValue::Reference {
                     target_type,
                     target_id,
                 } => {
                     c.r.0.push(p);
-                    c.r.1.push(target_type.as_deref());
+                    c.r.1.push(opt(target_type));
                     c.r.2.push(target_id);
                 }
                 IndexValue::Uri(u) => {
@@ -511,22 +525,22 @@ impl TxOps for PgOps<'_> {
             }
         }
         if !c.s.0.is_empty() {
-            self.execute(INSERT_STRING, &[&rid, &rt, &c.s.0, &c.s.1, &c.s.2])?;
+            self.execute(INSERT_STRING, &[&rid, &c.s.0, &c.s.1, &c.s.2])?;
         }
         if !c.t.0.is_empty() {
-            self.execute(INSERT_TOKEN, &[&rid, &rt, &c.t.0, &c.t.1, &c.t.2])?;
+            self.execute(INSERT_TOKEN, &[&rid, &c.t.0, &c.t.1, &c.t.2])?;
         }
         if !c.d.0.is_empty() {
-            self.execute(INSERT_DATE, &[&rid, &rt, &c.d.0, &c.d.1, &c.d.2])?;
+            self.execute(INSERT_DATE, &[&rid, &c.d.0, &c.d.1, &c.d.2])?;
         }
         if !c.n.0.is_empty() {
-            self.execute(INSERT_NUMBER, &[&rid, &rt, &c.n.0, &c.n.1, &c.n.2, &c.n.3])?;
+            self.execute(INSERT_NUMBER, &[&rid, &c.n.0, &c.n.1, &c.n.2, &c.n.3])?;
         }
         if !c.r.0.is_empty() {
-            self.execute(INSERT_REFERENCE, &[&rid, &rt, &c.r.0, &c.r.1, &c.r.2])?;
+            self.execute(INSERT_REFERENCE, &[&rid, &c.r.0, &c.r.1, &c.r.2])?;
         }
         if !c.u.0.is_empty() {
-            self.execute(INSERT_URI, &[&rid, &rt, &c.u.0, &c.u.1])?;
+            self.execute(INSERT_URI, &[&rid, &c.u.0, &c.u.1])?;
         }
         Ok(())
     }

@@ -97,7 +97,45 @@ CREATE TABLE client_keys (
     PRIMARY KEY (client_id, kid)
 );
 "#,
+    // 2: leaner index tables. The (type, parameter) strings of every entry become
+    // one integer key (`sql::param_key`); rows are clustered by resource (WITHOUT
+    // ROWID on SQLite), so an entry is two b-tree insertions (row, value index),
+    // not three, and `idx_reference_target`, which no query used, is gone. An
+    // absent optional part (token or quantity system, reference type) is stored
+    // as '' (never a valid FHIR value) so that it can be part of the key. The
+    // entries are rebuilt from the current bodies in the migration's transaction
+    // (`REINDEX_AFTER`).
+    r#"
+DROP TABLE idx_string;
+DROP TABLE idx_token;
+DROP TABLE idx_date;
+DROP TABLE idx_number;
+DROP TABLE idx_reference;
+DROP TABLE idx_uri;
+
+CREATE TABLE ix_string (rid BIGINT NOT NULL, k BIGINT NOT NULL, norm {TEXT} NOT NULL, exact {TEXT} NOT NULL, PRIMARY KEY (rid, k, exact)){WITHOUT_ROWID};
+CREATE INDEX ix_string_value ON ix_string (k, norm);
+
+CREATE TABLE ix_token (rid BIGINT NOT NULL, k BIGINT NOT NULL, code {TEXT} NOT NULL, system {TEXT} NOT NULL, PRIMARY KEY (rid, k, code, system)){WITHOUT_ROWID};
+CREATE INDEX ix_token_value ON ix_token (k, code, system);
+
+CREATE TABLE ix_date (rid BIGINT NOT NULL, k BIGINT NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL, PRIMARY KEY (rid, k, lo, hi)){WITHOUT_ROWID};
+CREATE INDEX ix_date_value ON ix_date (k, lo, hi);
+
+CREATE TABLE ix_number (rid BIGINT NOT NULL, k BIGINT NOT NULL, value {REAL} NOT NULL, system {TEXT} NOT NULL, code {TEXT} NOT NULL, PRIMARY KEY (rid, k, value, system, code)){WITHOUT_ROWID};
+CREATE INDEX ix_number_value ON ix_number (k, value);
+
+CREATE TABLE ix_reference (rid BIGINT NOT NULL, k BIGINT NOT NULL, target_id {TEXT} NOT NULL, target_type {TEXT} NOT NULL, PRIMARY KEY (rid, k, target_id, target_type)){WITHOUT_ROWID};
+CREATE INDEX ix_reference_value ON ix_reference (k, target_id, target_type);
+
+CREATE TABLE ix_uri (rid BIGINT NOT NULL, k BIGINT NOT NULL, value {TEXT} NOT NULL, PRIMARY KEY (rid, k, value)){WITHOUT_ROWID};
+CREATE INDEX ix_uri_value ON ix_uri (k, value);
+"#,
 ];
+
+/// Migrations after which the index tables are rebuilt from the current
+/// resources, in the same transaction: their shape or their keys changed.
+pub const REINDEX_AFTER: &[i64] = &[2];
 
 /// Creates the bookkeeping table (idempotent).
 pub fn bootstrap(d: Dialect) -> &'static str {
@@ -122,7 +160,8 @@ pub fn migrations(d: Dialect) -> Vec<(i64, String)> {
                     .replace("{RID}", "INTEGER PRIMARY KEY")
                     .replace("{TEXT}", "TEXT")
                     .replace("{BOOL}", "INTEGER")
-                    .replace("{REAL}", "REAL"),
+                    .replace("{REAL}", "REAL")
+                    .replace("{WITHOUT_ROWID}", " WITHOUT ROWID"),
                 Dialect::Postgres => m
                     .replace(
                         "{RID}",
@@ -130,7 +169,8 @@ pub fn migrations(d: Dialect) -> Vec<(i64, String)> {
                     )
                     .replace("{TEXT}", "TEXT COLLATE \"C\"")
                     .replace("{BOOL}", "BOOLEAN")
-                    .replace("{REAL}", "DOUBLE PRECISION"),
+                    .replace("{REAL}", "DOUBLE PRECISION")
+                    .replace("{WITHOUT_ROWID}", ""),
             };
             (i as i64 + 1, sql)
         })

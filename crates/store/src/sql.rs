@@ -6,8 +6,9 @@
 //!
 //! Tables (see `schema.rs`): `resource_current` (one row per resource, `rid` is
 //! the surrogate key), `resource_version` (one row per version), and the index
-//! tables `idx_string`, `idx_token`, `idx_date`, `idx_number` (number and
-//! quantity), `idx_reference`, `idx_uri`, which hold entries of current versions only.
+//! tables `ix_string`, `ix_token`, `ix_date`, `ix_number` (number and
+//! quantity), `ix_reference`, `ix_uri`, which hold entries of current versions
+//! only, each keyed by resource and [`param_key`].
 
 use std::fmt::Write as _;
 
@@ -135,13 +136,36 @@ const FROM_CURRENT: &str =
 
 /// Index tables, for `:missing` (a parameter's type is implied by where its entries are).
 const INDEX_TABLES: [&str; 6] = [
-    "idx_string",
-    "idx_token",
-    "idx_date",
-    "idx_number",
-    "idx_reference",
-    "idx_uri",
+    "ix_string",
+    "ix_token",
+    "ix_date",
+    "ix_number",
+    "ix_reference",
+    "ix_uri",
 ];
+
+/// The key under which the index tables hold the entries of search parameter
+/// `param` of `resource_type`: the first 8 bytes of SHA-256 of `type/param`.
+/// Derived, not looked up, so every backend, node and version agrees with no
+/// table to keep in step and no write to intern a name; the R4 parameters have
+/// distinct keys (tested), and a collision of two others is a 2^-64 event.
+/// `_security` is keyed without the type: scope rules test labels of rows of
+/// any type.
+pub fn param_key(resource_type: &str, param: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    if param != SECURITY_PARAM {
+        h.update(resource_type.as_bytes());
+    }
+    h.update(b"/");
+    h.update(param.as_bytes());
+    let d = h.finalize();
+    i64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// Stored for an absent optional part of an entry (token or quantity system,
+/// reference type), which is part of the row's key: never a valid FHIR value.
+pub const ABSENT: &str = "";
 
 /// Static statements, written once with `$n` placeholders and adapted per dialect.
 #[derive(Debug, Clone)]
@@ -237,13 +261,14 @@ pub const SECURITY_PARAM: &str = "_security";
 /// `EXISTS` over the resource's security labels of `system` (codes in `codes`
 /// when given).
 fn label_exists(b: &mut B, system: &str, codes: Option<&[String]>) {
-    b.s("EXISTS (SELECT 1 FROM idx_token l WHERE l.rid = r.rid AND l.param = ")
-        .text(SECURITY_PARAM)
-        .s(" AND l.system = ")
-        .text(system);
+    b.s("EXISTS (SELECT 1 FROM ix_token l WHERE l.rid = r.rid AND l.k = ")
+        .int(param_key("", SECURITY_PARAM));
+    let start = b.sql.len();
+    b.s(" AND l.system = ").text(system);
     if let Some(codes) = codes {
         in_list(b, "l.code", codes);
     }
+    per_row_lookup(b, start, "l.");
     b.s(")");
 }
 
@@ -357,25 +382,44 @@ fn in_list(b: &mut B, col: &str, values: &[String]) {
     b.s(")");
 }
 
+/// Keeps SQLite looking a correlated subquery's entries up by (rid, k), the
+/// table's key, by marking the value columns in the SQL written since `start`
+/// (`+x.code`: no index for that term). Both keys begin with `k`, and without
+/// statistics SQLite would otherwise take the value index, which the row's
+/// rid cannot narrow: a range over every resource's entries per checked row.
+/// Only bound parameters follow `start`, so `alias` occurs only as a column prefix.
+fn per_row_lookup(b: &mut B, start: usize, alias: &str) {
+    if b.d == Dialect::Sqlite {
+        let tail = b.sql.split_off(start);
+        b.sql.push_str(&tail.replace(alias, &format!("+{alias}")));
+    }
+}
+
 /// Opens a subquery over an index table restricted to the param; the caller
-/// appends `AND (condition)` and then `)`.
+/// appends `AND (condition)`, then [`close_index`].
 fn open_index(b: &mut B, table: &str, rt: &str, param: &str, negate: bool, correlated: bool) {
     let not = if negate { "NOT " } else { "" };
     if correlated {
         b.s(not)
             .s("EXISTS (SELECT 1 FROM ")
             .s(table)
-            .s(" x WHERE x.rid = r.rid AND x.param = ")
-            .text(param);
+            .s(" x WHERE x.rid = r.rid AND x.k = ");
     } else {
         b.s("r.rid ")
             .s(not)
             .s("IN (SELECT x.rid FROM ")
             .s(table)
-            .s(" x WHERE x.rt = ")
-            .text(rt);
-        b.s(" AND x.param = ").text(param);
+            .s(" x WHERE x.k = ");
     }
+    b.int(param_key(rt, param));
+}
+
+/// Closes what [`open_index`] opened; `start` is where the conditions began.
+fn close_index(b: &mut B, start: usize, correlated: bool) {
+    if correlated {
+        per_row_lookup(b, start, "x.");
+    }
+    b.s(")");
 }
 
 /// Date prefix semantics over a resource range [lo_col, hi_col] and search range [plo, phi].
@@ -546,7 +590,8 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
             date_cond(b, "r.last_updated", "r.last_updated", m)
         }),
         Criterion::String { mode, values } => {
-            open_index(b, "idx_string", rt, p, false, corr);
+            open_index(b, "ix_string", rt, p, false, corr);
+            let start = b.sql.len();
             b.s(" AND ");
             let mode = *mode;
             let strpos = b.d.strpos();
@@ -564,13 +609,14 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
                     b.s(strpos).s("(x.norm, ").text(v).s(") > 0");
                 }
             });
-            b.s(")");
+            close_index(b, start, corr);
         }
         Criterion::Token { values, negate } => {
-            open_index(b, "idx_token", rt, p, *negate, corr);
+            open_index(b, "ix_token", rt, p, *negate, corr);
+            let start = b.sql.len();
             b.s(" AND ");
             // several codes of one system (`_tag=s|a,s|b`): `code IN (...)` keeps
-            // the lookup on the (rt, param, code, system) index; OR-ed pairs
+            // the lookup on the (k, code, system) index; OR-ed pairs
             // would read every row of the parameter
             let one_system = values.first().and_then(|t| t.system.clone().flatten());
             if values.len() > 1
@@ -587,7 +633,8 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
                     }
                     b.text(t.code.as_deref().unwrap_or_default());
                 }
-                b.s("))");
+                b.s(")");
+                close_index(b, start, corr);
                 return;
             }
             alternatives(b, values, |b, t| {
@@ -595,7 +642,7 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
                 match &t.system {
                     None => {}
                     Some(None) => {
-                        b.s("x.system IS NULL");
+                        b.s("x.system = ").text(ABSENT);
                         any = false;
                     }
                     Some(Some(s)) => {
@@ -614,23 +661,26 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
                     b.s("1 = 1");
                 }
             });
-            b.s(")");
+            close_index(b, start, corr);
         }
         Criterion::Date(ms) => {
-            open_index(b, "idx_date", rt, p, false, corr);
+            open_index(b, "ix_date", rt, p, false, corr);
+            let start = b.sql.len();
             b.s(" AND ");
             alternatives(b, ms, |b, m| date_cond(b, "x.lo", "x.hi", m));
-            b.s(")");
+            close_index(b, start, corr);
         }
         Criterion::Number(ms) | Criterion::Quantity(ms) => {
             let quantity = matches!(c.criterion, Criterion::Quantity(_));
-            open_index(b, "idx_number", rt, p, false, corr);
+            open_index(b, "ix_number", rt, p, false, corr);
+            let start = b.sql.len();
             b.s(" AND ");
             alternatives(b, ms, |b, m| number_cond(b, m, quantity));
-            b.s(")");
+            close_index(b, start, corr);
         }
         Criterion::Reference(refs) => {
-            open_index(b, "idx_reference", rt, p, false, corr);
+            open_index(b, "ix_reference", rt, p, false, corr);
+            let start = b.sql.len();
             b.s(" AND ");
             alternatives(b, refs, |b, m| {
                 b.s("x.target_id = ").text(&m.target_id);
@@ -638,26 +688,28 @@ fn clause_sql(b: &mut B, rt: &str, c: &Clause, corr: bool) {
                     b.s(" AND x.target_type = ").text(t);
                 }
             });
-            b.s(")");
+            close_index(b, start, corr);
         }
         Criterion::Uri(values) => {
-            open_index(b, "idx_uri", rt, p, false, corr);
+            open_index(b, "ix_uri", rt, p, false, corr);
+            let start = b.sql.len();
             b.s(" AND ");
             alternatives(b, values, |b, v| {
                 b.s("x.value = ").text(v);
             });
-            b.s(")");
+            close_index(b, start, corr);
         }
         Criterion::Missing(missing) => {
             b.s(if *missing { "NOT EXISTS (" } else { "EXISTS (" });
+            let k = param_key(rt, p);
             for (i, t) in INDEX_TABLES.iter().enumerate() {
                 if i > 0 {
                     b.s(" UNION ALL ");
                 }
                 b.s("SELECT 1 FROM ")
                     .s(t)
-                    .s(" x WHERE x.rid = r.rid AND x.param = ")
-                    .text(p);
+                    .s(" x WHERE x.rid = r.rid AND x.k = ")
+                    .int(k);
             }
             b.s(")");
         }
@@ -763,7 +815,7 @@ fn search_where(b: &mut B, q: &SearchQuery, scope: &Scope) {
     }
 }
 
-fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
+fn sort_sql(b: &mut B, rt: &str, sort: &[SortKey]) -> FhirResult<()> {
     let lu = if b.ids_listed && b.d == Dialect::Sqlite {
         "+r.last_updated"
     } else {
@@ -785,12 +837,12 @@ fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
             }
             _ => {
                 let (table, col) = match k.param_type {
-                    ParamType::String => ("idx_string", "norm"),
-                    ParamType::Token => ("idx_token", "code"),
-                    ParamType::Date => ("idx_date", "lo"),
-                    ParamType::Number | ParamType::Quantity => ("idx_number", "value"),
-                    ParamType::Reference => ("idx_reference", "target_id"),
-                    ParamType::Uri => ("idx_uri", "value"),
+                    ParamType::String => ("ix_string", "norm"),
+                    ParamType::Token => ("ix_token", "code"),
+                    ParamType::Date => ("ix_date", "lo"),
+                    ParamType::Number | ParamType::Quantity => ("ix_number", "value"),
+                    ParamType::Reference => ("ix_reference", "target_id"),
+                    ParamType::Uri => ("ix_uri", "value"),
                     ParamType::Composite | ParamType::Special => {
                         return Err(FhirError::not_supported(format!(
                             "sorting by parameter '{}' of type {} is not supported",
@@ -802,9 +854,12 @@ fn sort_sql(b: &mut B, sort: &[SortKey]) -> FhirResult<()> {
                 let agg = if k.descending { "MAX" } else { "MIN" };
                 let _ = write!(
                     b.sql,
-                    "(SELECT {agg}(s.{col}) FROM {table} s WHERE s.rid = r.rid AND s.param = "
+                    "(SELECT {agg}(s.{col}) FROM {table} s WHERE s.rid = r.rid AND s.k = "
                 );
-                b.text(&k.param).s(") ").s(dir).s(" NULLS LAST");
+                b.int(param_key(rt, &k.param))
+                    .s(") ")
+                    .s(dir)
+                    .s(" NULLS LAST");
             }
         }
         b.s(", ");
@@ -827,7 +882,7 @@ pub fn search_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Bui
     search_where(&mut b, q, scope);
     order_and_page(&mut b, q)?;
     b.s(")");
-    sort_sql(&mut b, &q.sort)?;
+    sort_sql(&mut b, &q.resource_type, &q.sort)?;
     Ok(b.done())
 }
 
@@ -842,7 +897,7 @@ pub fn search_ids(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Buil
 
 /// `ORDER BY ... LIMIT ... OFFSET ...` of a search page.
 fn order_and_page(b: &mut B, q: &SearchQuery) -> FhirResult<()> {
-    sort_sql(b, &q.sort)?;
+    sort_sql(b, &q.resource_type, &q.sort)?;
     b.s(" LIMIT ")
         .int(to_i64(q.count))
         .s(" OFFSET ")
@@ -865,6 +920,18 @@ pub fn scan(d: Dialect, resource_type: &str, after: Option<&str>, limit: usize) 
     b.done()
 }
 
+/// Current, not deleted resources of every type in rid order after `after_rid`
+/// (keyset paging), for rebuilding the index tables.
+pub fn reindex_page(d: Dialect, after_rid: i64, limit: usize) -> Built {
+    let mut b = B::new(d);
+    b.s("SELECT ").s(RESOURCE_COLUMNS).s(FROM_CURRENT);
+    b.s(" WHERE r.deleted = FALSE AND r.rid > ")
+        .int(after_rid)
+        .s(" ORDER BY r.rid ASC LIMIT ")
+        .int(to_i64(limit));
+    b.done()
+}
+
 /// `SELECT COUNT(*)` of all matches (no paging).
 pub fn search_count(d: Dialect, q: &SearchQuery, scope: &Scope) -> Built {
     let mut b = B::new(d);
@@ -878,10 +945,10 @@ pub fn search_count(d: Dialect, q: &SearchQuery, scope: &Scope) -> Built {
 /// grouping never sees a row outside the caller's scope.
 fn latest_rids(b: &mut B, q: &SearchQuery, scope: &Scope, latest: &LatestPer) {
     b.s("r.rid IN (SELECT w.rid FROM (SELECT r.rid AS rid, ROW_NUMBER() OVER (PARTITION BY g.system, g.code ORDER BY ")
-        .s("(SELECT MAX(dd.lo) FROM idx_date dd WHERE dd.rid = r.rid AND dd.param = ")
-        .text(&latest.by)
-        .s(") DESC NULLS LAST, r.last_updated DESC, r.rid DESC) AS rn FROM resource_current r JOIN idx_token g ON g.rid = r.rid AND g.param = ")
-        .text(&latest.param);
+        .s("(SELECT MAX(dd.lo) FROM ix_date dd WHERE dd.rid = r.rid AND dd.k = ")
+        .int(param_key(&q.resource_type, &latest.by))
+        .s(") DESC NULLS LAST, r.last_updated DESC, r.rid DESC) AS rn FROM resource_current r JOIN ix_token g ON g.rid = r.rid AND g.k = ")
+        .int(param_key(&q.resource_type, &latest.param));
     search_where(b, q, scope);
     b.s(") w WHERE w.rn <= ").int(to_i64(latest.per)).s(")");
 }
@@ -936,10 +1003,11 @@ pub fn include(d: Dialect, inc: &Include, rids: &[i64], scope: &Scope) -> Built 
         .s(FROM_CURRENT)
         .s(" WHERE r.deleted = FALSE AND ");
     scope_sql(&mut b, scope, true);
-    // the rids are all of the source type; no `x.rt` term, so the (rid, param) index is the only choice
-    b.s(" AND r.rid IN (SELECT c.rid FROM idx_reference x JOIN resource_current c ON c.rt = x.target_type AND c.id = x.target_id WHERE x.rid IN ");
+    // the rids are all of the source type: the entries are read by (rid, k)
+    b.s(" AND r.rid IN (SELECT c.rid FROM ix_reference x JOIN resource_current c ON c.rt = x.target_type AND c.id = x.target_id WHERE x.rid IN ");
     rid_list(&mut b, rids);
-    b.s(" AND x.param = ").text(&inc.param);
+    b.s(" AND x.k = ")
+        .int(param_key(&inc.source_type, &inc.param));
     if let Some(t) = &inc.target_type {
         b.s(" AND x.target_type = ").text(t);
     }
@@ -960,12 +1028,10 @@ pub fn revinclude(
         .s(RESOURCE_COLUMNS)
         .s(FROM_CURRENT)
         .s(" WHERE r.deleted = FALSE AND ");
-    // the type is implied by `x.rt`; the reference index drives
+    // the type is implied by the key; the reference index drives
     scope_sql(&mut b, scope, true);
-    b.s(" AND r.rid IN (SELECT x.rid FROM idx_reference x WHERE x.rt = ")
-        .text(&inc.source_type);
-    b.s(" AND x.param = ")
-        .text(&inc.param)
+    b.s(" AND r.rid IN (SELECT x.rid FROM ix_reference x WHERE x.k = ")
+        .int(param_key(&inc.source_type, &inc.param))
         .s(" AND x.target_type = ")
         .text(target_type);
     in_list(&mut b, "x.target_id", ids);
@@ -1087,6 +1153,29 @@ mod tests {
         assert_eq!(prefix_upper("abc").as_deref(), Some("abd"));
         assert_eq!(prefix_upper("").as_deref(), None);
         assert_eq!(prefix_upper("a\u{10FFFF}").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn every_r4_search_parameter_has_its_own_key() {
+        let m = tsunagi_fhir::model::model();
+        let mut seen = std::collections::HashMap::new();
+        for rt in m.resource_types() {
+            for p in m.indexed_params(rt) {
+                let k = param_key(rt, &p.code);
+                if let Some(other) = seen.insert(k, (rt.clone(), p.code.clone())) {
+                    panic!("{rt}/{} and {}/{} share key {k}", p.code, other.0, other.1);
+                }
+            }
+        }
+        assert!(seen.len() > 1000, "only {} parameters", seen.len());
+        let security = param_key("", SECURITY_PARAM);
+        assert!(!seen.contains_key(&security));
+        // the security key does not depend on the type; every other key does
+        assert_eq!(param_key("Patient", SECURITY_PARAM), security);
+        assert_ne!(
+            param_key("Patient", "name"),
+            param_key("Practitioner", "name")
+        );
     }
 
     #[test]

@@ -240,6 +240,7 @@ fn migrate(conn: &Connection) -> FhirResult<()> {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
+        let mut reindex = false;
         for (version, ddl) in schema::migrations(Dialect::Sqlite) {
             if version <= current {
                 continue;
@@ -251,6 +252,12 @@ fn migrate(conn: &Connection) -> FhirResult<()> {
             )
             .map_err(db_err)?;
             tracing::info!(version, "sqlite migration applied");
+            reindex |= schema::REINDEX_AFTER.contains(&version);
+        }
+        if reindex {
+            let st = Statements::new(Dialect::Sqlite);
+            let n = engine::reindex_all(&mut SqliteOps { conn, st: &st })?;
+            tracing::info!(resources = n, "search index rebuilt");
         }
         Ok(())
     })();
@@ -344,12 +351,12 @@ impl Ops for SqliteOps<'_> {
 /// Index tables with their column lists and column counts, in the order of
 /// [`index_table`].
 const INDEX_INSERT: [(&str, usize); 6] = [
-    ("idx_string (rid, rt, param, norm, exact)", 5),
-    ("idx_token (rid, rt, param, system, code)", 5),
-    ("idx_date (rid, rt, param, lo, hi)", 5),
-    ("idx_number (rid, rt, param, value, system, code)", 6),
-    ("idx_reference (rid, rt, param, target_type, target_id)", 5),
-    ("idx_uri (rid, rt, param, value)", 4),
+    ("ix_string (rid, k, norm, exact)", 4),
+    ("ix_token (rid, k, system, code)", 4),
+    ("ix_date (rid, k, lo, hi)", 4),
+    ("ix_number (rid, k, value, system, code)", 5),
+    ("ix_reference (rid, k, target_type, target_id)", 4),
+    ("ix_uri (rid, k, value)", 3),
 ];
 /// Rows per multi-row index `INSERT` (bounds the distinct cached statements).
 const INDEX_ROWS_PER_INSERT: usize = 8;
@@ -365,19 +372,23 @@ fn index_table(v: &IndexValue) -> usize {
     }
 }
 
-/// `INSERT INTO table (cols) VALUES (?, ..), (?, ..)` for `rows` rows.
+/// `INSERT INTO table (cols) VALUES (?, ..), (?, ..)` for `rows` rows; an entry
+/// a resource already has (its key is the whole row) is one entry.
 fn multi_row_insert(table: &str, columns: usize, rows: usize) -> String {
     let one = format!("({})", vec!["?"; columns].join(", "));
-    format!("INSERT INTO {table} VALUES {}", vec![one; rows].join(", "))
+    format!(
+        "INSERT INTO {table} VALUES {} ON CONFLICT DO NOTHING",
+        vec![one; rows].join(", ")
+    )
 }
 
 const CLEAR_INDEX: [&str; 6] = [
-    "DELETE FROM idx_string WHERE rid = ?1",
-    "DELETE FROM idx_token WHERE rid = ?1",
-    "DELETE FROM idx_date WHERE rid = ?1",
-    "DELETE FROM idx_number WHERE rid = ?1",
-    "DELETE FROM idx_reference WHERE rid = ?1",
-    "DELETE FROM idx_uri WHERE rid = ?1",
+    "DELETE FROM ix_string WHERE rid = ?1",
+    "DELETE FROM ix_token WHERE rid = ?1",
+    "DELETE FROM ix_date WHERE rid = ?1",
+    "DELETE FROM ix_number WHERE rid = ?1",
+    "DELETE FROM ix_reference WHERE rid = ?1",
+    "DELETE FROM ix_uri WHERE rid = ?1",
 ];
 
 impl TxOps for SqliteOps<'_> {
@@ -511,10 +522,9 @@ impl TxOps for SqliteOps<'_> {
                 for e in chunk {
                     use rusqlite::types::Value as V;
                     let text = |s: &str| V::Text(s.to_string());
-                    let opt = |s: &Option<String>| s.as_deref().map_or(V::Null, text);
+                    let opt = |s: &Option<String>| text(s.as_deref().unwrap_or(sql::ABSENT));
                     values.push(V::Integer(rid));
-                    values.push(text(rt));
-                    values.push(text(&e.param));
+                    values.push(V::Integer(sql::param_key(rt, &e.param)));
                     match &e.value {
                         IndexValue::String { norm, exact } => {
                             values.extend([text(norm), text(exact)]);
@@ -526,7 +536,7 @@ impl TxOps for SqliteOps<'_> {
                             values.extend([V::Integer(*lo), V::Integer(*hi)]);
                         }
                         IndexValue::Number { value } => {
-                            values.extend([V::Real(*value), V::Null, V::Null]);
+                            values.extend([V::Real(*value), text(sql::ABSENT), text(sql::ABSENT)]);
                         }
                         IndexValue::Quantity {
                             value,

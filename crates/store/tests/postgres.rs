@@ -60,7 +60,10 @@ fn concurrent_startup_migrates_once() {
             .collect()
     });
     for st in &stores {
-        assert_eq!(st.schema_version().unwrap(), 1);
+        assert_eq!(
+            st.schema_version().unwrap(),
+            tsunagi_store::schema::latest()
+        );
     }
     let _ = stores[0].raw_execute(&format!("DROP SCHEMA {schema} CASCADE"));
 }
@@ -84,4 +87,19 @@ fn dropping_the_store_on_an_async_runtime_thread_is_safe() {
         .build()
         .expect("runtime");
     runtime.block_on(async move { drop(store) });
+}
+
+#[test]
+fn a_version_1_database_is_migrated_and_reindexed() {
+    let Some(url) = url() else { return };
+    let schema = fresh_schema();
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema}; SET search_path TO {schema}; {}",
+        tsunagi_store::conformance::version1_database(tsunagi_store::sql::Dialect::Postgres)
+    ))
+    .expect("version 1 database");
+    let store = PgStore::connect_in_schema(&url, &schema, 2).expect("connect");
+    let t = TempSchema { store, schema };
+    tsunagi_store::conformance::check_migrated_from_version1(&t.store);
 }

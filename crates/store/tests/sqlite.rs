@@ -45,5 +45,20 @@ fn reopen_keeps_data_and_schema() {
     }
     let s = SqliteStore::open(&path).unwrap();
     assert_eq!(s.read("Patient", "p1").unwrap().unwrap().version, 1);
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), tsunagi_store::schema::latest());
+}
+
+#[test]
+fn a_version_1_database_is_migrated_and_reindexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(&tsunagi_store::conformance::version1_database(
+            tsunagi_store::sql::Dialect::Sqlite,
+        ))
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    tsunagi_store::conformance::check_migrated_from_version1(&s);
 }

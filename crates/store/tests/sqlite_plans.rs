@@ -61,7 +61,7 @@ fn hot_searches_are_driven_by_an_index() {
     ] {
         let p = plan(&c, &b);
         assert!(
-            p.contains(lookup) && p.contains("idx_token_value") && no_scan(&p),
+            p.contains(lookup) && p.contains("ix_token_value") && no_scan(&p),
             "{p}"
         );
     }
@@ -82,8 +82,8 @@ fn hot_searches_are_driven_by_an_index() {
     );
     assert!(
         p.contains(lookup)
-            && p.contains("idx_reference_value")
-            && p.contains("idx_token_rid")
+            && p.contains("ix_reference_value")
+            && p.contains("PRIMARY KEY (rid=? AND k=?")
             && no_scan(&p),
         "{p}"
     );
@@ -111,7 +111,7 @@ fn hot_searches_are_driven_by_an_index() {
         .unwrap(),
     );
     assert!(
-        p.contains(lookup) && p.contains("idx_string_value") && no_scan(&p),
+        p.contains(lookup) && p.contains("ix_string_value") && no_scan(&p),
         "{p}"
     );
 
@@ -131,9 +131,7 @@ fn hot_searches_are_driven_by_an_index() {
         &sql::search_page(d, &born, &Scope::Unrestricted).unwrap(),
     );
     assert!(
-        p.contains(lookup)
-            && p.contains("idx_date_value (rt=? AND param=? AND lo>? AND lo<?)")
-            && no_scan(&p),
+        p.contains(lookup) && p.contains("ix_date_value (k=? AND lo>? AND lo<?)") && no_scan(&p),
         "{p}"
     );
 
@@ -162,13 +160,13 @@ fn hot_searches_are_driven_by_an_index() {
     };
     let p = name_and_month("ヤマ");
     assert!(
-        p.contains("idx_date_value (rt=? AND param=? AND lo>? AND lo<?)")
-            && !p.contains("idx_string_value (")
+        p.contains("ix_date_value (k=? AND lo>? AND lo<?)")
+            && !p.contains("ix_string_value (")
             && no_scan(&p),
         "{p}"
     );
     let p = name_and_month("ヤマダ");
-    assert!(p.contains("idx_string_value (") && no_scan(&p), "{p}");
+    assert!(p.contains("ix_string_value (") && no_scan(&p), "{p}");
 
     let scoped = Scope::AnyOf(vec![ScopeRule::Patient {
         id: "p1".into(),
@@ -184,7 +182,9 @@ fn hot_searches_are_driven_by_an_index() {
         .unwrap(),
     );
     assert!(
-        p.contains("resource_current_patient") && p.contains("idx_token_rid") && no_scan(&p),
+        p.contains("resource_current_patient")
+            && p.contains("PRIMARY KEY (rid=? AND k=?")
+            && no_scan(&p),
         "{p}"
     );
 
@@ -203,13 +203,16 @@ fn hot_searches_are_driven_by_an_index() {
         target_type: None,
     };
     let p = plan(&c, &sql::include(d, &inc, &[1, 2, 3], &scoped));
-    assert!(p.contains("idx_reference_rid") && no_scan(&p), "{p}");
+    assert!(
+        p.contains("PRIMARY KEY (rid=? AND k=?") && no_scan(&p),
+        "{p}"
+    );
     let p = plan(
         &c,
         &sql::revinclude(d, &inc, "Patient", &["p1".to_string()], &scoped),
     );
     assert!(
-        p.contains(lookup) && p.contains("idx_reference_value") && no_scan(&p),
+        p.contains(lookup) && p.contains("ix_reference_value") && no_scan(&p),
         "{p}"
     );
 }
@@ -249,7 +252,7 @@ fn tag_pages_are_driven_by_the_tag() {
     let b = sql::search_page(Dialect::Sqlite, &q, &Scope::Unrestricted).unwrap();
     let p = plan(&c, &b);
     assert!(
-        p.contains("idx_token_value (rt=? AND param=? AND code=?")
+        p.contains("ix_token_value (k=? AND code=?")
             && !p.contains("SCAN")
             && !p.contains("resource_current_type_lu"),
         "{p}"
