@@ -372,12 +372,18 @@ fn index_table(v: &IndexValue) -> usize {
     }
 }
 
-/// `INSERT INTO table (cols) VALUES (?, ..), (?, ..)` for `rows` rows; an entry
-/// a resource already has (its key is the whole row) is one entry.
+/// `INSERT OR IGNORE INTO table (cols) VALUES (?, ..), (?, ..)` for `rows` rows;
+/// an entry a resource already has (its key is the whole row) is one entry.
+///
+/// `OR IGNORE` rather than `ON CONFLICT DO NOTHING`: with no constraint able to
+/// abort the statement (the engine never binds NULL), SQLite keeps no statement
+/// journal for it. With one, every page the insert touched was copied into that
+/// journal: 7.7 % of an import's samples. Nothing relies on statement-level
+/// rollback: a failed write rolls back its whole transaction.
 fn multi_row_insert(table: &str, columns: usize, rows: usize) -> String {
     let one = format!("({})", vec!["?"; columns].join(", "));
     format!(
-        "INSERT INTO {table} VALUES {} ON CONFLICT DO NOTHING",
+        "INSERT OR IGNORE INTO {table} VALUES {}",
         vec![one; rows].join(", ")
     )
 }
