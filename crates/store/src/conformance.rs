@@ -101,6 +101,7 @@ macro_rules! conformance_tests {
             scan_keyset_pages,
             search_meta_tag_and_profile,
             forget_history_keeps_only_the_current_version,
+            repeated_entries_are_one_entry,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2459,4 +2460,35 @@ pub fn check_migrated_from_version1(s: &dyn Store) {
     tx.commit().unwrap();
     assert_eq!(name("佐藤"), v(&["p1"]));
     assert!(name("山田").is_empty());
+}
+
+/// A resource that repeats a value (the same identifier or security label twice)
+/// is written, found once, and rewritten without error.
+pub fn repeated_entries_are_one_entry(h: &dyn Harness) {
+    let s = h.store();
+    let body = json!({"resourceType": "Observation", "status": "final",
+        "meta": {"security": [{"system": "urn:label", "code": "A"}, {"system": "urn:label", "code": "A"}]},
+        "identifier": [{"system": "urn:test", "value": "1"}, {"system": "urn:test", "value": "1"}],
+        "code": {"coding": [{"system": LOINC, "code": "1234-5"}]},
+        "subject": {"reference": "Patient/p1"}});
+    for _ in 0..2 {
+        let mut tx = s.begin().unwrap();
+        tx.update("Observation", "o1", body.clone(), None, &ctx("org"))
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let id = tok(Some(Some("urn:test")), Some("1"));
+    assert_eq!(
+        find(s, "Observation", "identifier", token(vec![id])),
+        v(&["o1"])
+    );
+    let scope = Scope::AnyOf(vec![ScopeRule::Label {
+        system: "urn:label".into(),
+        code: "A".into(),
+        types: None,
+    }]);
+    let r = s
+        .search(&SearchQuery::new("Observation"), &scope)
+        .expect("search");
+    assert_eq!((sorted_ids(&r), r.total), (v(&["o1"]), 1));
 }

@@ -187,18 +187,18 @@ fn check_id(id: &str) -> FhirResult<()> {
 /// security labels, which drive scope rules (ScopeRule::Labeled / Label).
 fn index_entries(rt: &str, body: &Value) -> Vec<IndexEntry> {
     let mut entries = tsunagi_fhir::index::extract(rt, body);
-    for (system, code) in crate::api::security_labels(body) {
-        let entry = IndexEntry {
-            param: sql::SECURITY_PARAM.to_string(),
-            value: tsunagi_fhir::search::IndexValue::Token {
-                system: Some(system),
-                code,
-            },
-        };
-        if !entries.contains(&entry) {
-            entries.push(entry);
-        }
-    }
+    // a label repeated in meta.security is one row: the insert ignores duplicates
+    entries.extend(
+        crate::api::security_labels(body)
+            .into_iter()
+            .map(|(system, code)| IndexEntry {
+                param: sql::SECURITY_PARAM.to_string(),
+                value: tsunagi_fhir::search::IndexValue::Token {
+                    system: Some(system),
+                    code,
+                },
+            }),
+    );
     entries
 }
 

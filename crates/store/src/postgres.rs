@@ -191,21 +191,21 @@ impl PgStore {
     }
 
     fn migrate_in(&self, conn: &mut PgConn) -> FhirResult<()> {
-        let tx = &mut conn.client;
-        tx.execute(
+        let c = &mut conn.client;
+        c.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&schema::PG_MIGRATION_LOCK],
         )
         .map_err(pg_err)?;
         if let Some(s) = &self.schema {
-            tx.batch_execute(&format!(
+            c.batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS \"{s}\"; SET LOCAL search_path TO \"{s}\""
             ))
             .map_err(pg_err)?;
         }
-        tx.batch_execute(schema::bootstrap(Dialect::Postgres))
+        c.batch_execute(schema::bootstrap(Dialect::Postgres))
             .map_err(pg_err)?;
-        let current: i64 = tx
+        let current: i64 = c
             .query_one(
                 "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
                 &[],
@@ -217,8 +217,8 @@ impl PgStore {
             if version <= current {
                 continue;
             }
-            tx.batch_execute(&ddl).map_err(pg_err)?;
-            tx.execute(
+            c.batch_execute(&ddl).map_err(pg_err)?;
+            c.execute(
                 "INSERT INTO schema_migrations (version) VALUES ($1)",
                 &[&version],
             )

@@ -100,7 +100,8 @@ impl SqliteStore {
             .map_err(db_err)?;
         // room for every static statement plus the recent search shapes
         configure(&writer)?;
-        migrate(&writer)?;
+        let st = Statements::new(Dialect::Sqlite);
+        migrate(&writer, &st)?;
         // Every COMMIT walks the committing connection's page-cache hash table
         // (pcache1TruncateUnsafe, from pager_end_transaction), whose size follows
         // the cache: with the writer's 64 MiB it was 7 % of the server's CPU under
@@ -125,7 +126,7 @@ impl SqliteStore {
                 open: 0,
             }),
             reader_free: Condvar::new(),
-            st: Statements::new(Dialect::Sqlite),
+            st,
         };
         // Open one reader now so a bad path or permission fails at startup.
         let r = store.reader()?;
@@ -228,7 +229,7 @@ impl Drop for Reader<'_> {
     }
 }
 
-fn migrate(conn: &Connection) -> FhirResult<()> {
+fn migrate(conn: &Connection, st: &Statements) -> FhirResult<()> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
     let result = (|| {
         conn.execute_batch(schema::bootstrap(Dialect::Sqlite))
@@ -255,8 +256,7 @@ fn migrate(conn: &Connection) -> FhirResult<()> {
             reindex |= schema::REINDEX_AFTER.contains(&version);
         }
         if reindex {
-            let st = Statements::new(Dialect::Sqlite);
-            let n = engine::reindex_all(&mut SqliteOps { conn, st: &st })?;
+            let n = engine::reindex_all(&mut SqliteOps { conn, st })?;
             tracing::info!(resources = n, "search index rebuilt");
         }
         Ok(())
