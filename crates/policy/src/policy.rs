@@ -18,6 +18,7 @@
 //! carries the role's type restriction so a clerk's `_revinclude` cannot pull in
 //! clinical resources of their organisation.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -353,6 +354,8 @@ impl Policy {
         purpose: Purpose,
     ) -> Result<Scope, Denial> {
         let mut rules: Vec<ScopeRule> = Vec::new();
+        // a set beside the list: a facility's consents give thousands of rules
+        let mut seen: HashSet<ScopeRule> = HashSet::new();
         let mut hint: Option<(&'static str, String)> = None;
         for rule in &self.rules {
             match rule.search_scope(principal, resource_type, purpose) {
@@ -365,7 +368,7 @@ impl Policy {
                 }
                 ScopeGrant::Rules(granted) => {
                     for r in granted {
-                        if !rules.contains(&r) {
+                        if seen.insert(r.clone()) {
                             rules.push(r);
                         }
                     }

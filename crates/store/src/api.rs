@@ -44,7 +44,7 @@ pub enum Scope {
     AnyOf(Vec<ScopeRule>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ScopeRule {
     /// Resources in no patient's compartment (Organization, Practitioner, CodeSystem, ...).
     NonPersonal,
@@ -78,7 +78,7 @@ pub enum ScopeRule {
 }
 
 /// A filter on the `meta.security` labels of one code system.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LabelFilter {
     pub system: String,
     /// When set, a row carrying a label of `system` passes only with one of

@@ -1314,6 +1314,18 @@ pub fn scope_filtering(h: &dyn Harness) {
         (0, 0),
         "an empty scope admits nothing"
     );
+    // A facility's live consents: one rule per patient, thousands of them. Those
+    // that differ only in the patient are one clause over one list; the answer is
+    // the same as rule by rule.
+    let mut many: Vec<ScopeRule> = (0..2000)
+        .map(|i| pat(&format!("x{i}"), Some(&["Observation"])))
+        .collect();
+    many.insert(1000, pat("p2", Some(&["Observation"])));
+    many.push(pat("p1", Some(&["Patient"])));
+    let r = run(&obs, many.clone());
+    assert_eq!((sorted_ids(&r), r.total), (v(&["o3", "o4"]), 2));
+    let r = run(&SearchQuery::new("Patient"), many);
+    assert_eq!(ids(&r), v(&["p1"]), "p1's rule admits its Patient only");
     let mut counted = SearchQuery::new("Observation");
     counted.summary = Summary::Count;
     assert_eq!(run(&counted, vec![pat("p2", None)]).total, 2);
@@ -1913,6 +1925,26 @@ pub fn security_label_scopes(h: &dyn Harness) {
     );
     let r = run(&obs, lab(Some(&["B"]), &[], CAT));
     assert_eq!((sorted_ids(&r), r.total), (v(&["hid", "lab", "plain"]), 3));
+    // The same filter for many patients (a facility's live consents) is one clause
+    // over the list; a rule with another filter stays apart.
+    let lab_for = |id: String, allow: &str| ScopeRule::Labeled {
+        rule: Box::new(ScopeRule::Patient { id, types: None }),
+        filter: LabelFilter {
+            system: CAT.into(),
+            allow: Some(vec![allow.to_string()]),
+            deny: vec![],
+            unlabelled: true,
+        },
+    };
+    let mut rules: Vec<ScopeRule> = (0..500).map(|i| lab_for(format!("x{i}"), "B")).collect();
+    rules.push(lab_for("p1".into(), "A"));
+    rules.extend((500..1000).map(|i| lab_for(format!("x{i}"), "A")));
+    let r = s.search(&obs, &Scope::AnyOf(rules)).unwrap();
+    assert_eq!(
+        (sorted_ids(&r), r.total),
+        (v(&["inf", "plain"]), 2),
+        "p1 under category A only, among a thousand other patients' rules"
+    );
     let r = run(&obs, lab(Some(&[]), &[], CAT));
     assert_eq!(
         sorted_ids(&r),

@@ -18,7 +18,7 @@ use tsunagi_fhir::search::{
 };
 use tsunagi_fhir::{FhirError, FhirResult};
 
-use crate::api::{AuditFilter, HistoryQuery, LatestPer, Scope, ScopeRule};
+use crate::api::{AuditFilter, HistoryQuery, LabelFilter, LatestPer, Scope, ScopeRule};
 
 /// SQL flavour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,9 +238,20 @@ impl Statements {
 }
 
 /// Whether index criteria are written as correlated `EXISTS` (cheap when the
-/// scope already narrows the rows to a patient's compartment) or as
-/// `rid IN (subquery)` (lets the index lookup drive a type-wide search).
+/// scope already narrows the rows to a few patients' compartments) or as
+/// `rid IN (subquery)` (lets the index lookup drive a type-wide search, or one
+/// over many patients: a facility's consents list thousands, and a criterion
+/// naming one of them is far more selective than all of their compartments).
 fn correlated(scope: &Scope) -> bool {
+    patients_only(scope) && matches!(scope, Scope::AnyOf(rules) if rules.len() <= FEW_PATIENT_RULES)
+}
+
+/// Up to this many patient rules (a patient, a guardian's children, the
+/// categories of one consent), the patients' compartments drive a search.
+const FEW_PATIENT_RULES: usize = 16;
+
+/// Whether every rule of the scope admits one patient's rows only.
+fn patients_only(scope: &Scope) -> bool {
     match scope {
         Scope::Unrestricted => false,
         Scope::AnyOf(rules) => !rules.is_empty() && rules.iter().all(patient_rule),
@@ -273,6 +284,12 @@ fn label_exists(b: &mut B, system: &str, codes: Option<&[String]>) {
 }
 
 fn rule_sql(b: &mut B, rule: &ScopeRule, noindex: bool) {
+    rule_sql_for(b, rule, noindex, None)
+}
+
+/// [`rule_sql`]; with `patients`, a patient rule admits any patient of that list
+/// (see [`patient_groups`]) instead of its own.
+fn rule_sql_for(b: &mut B, rule: &ScopeRule, noindex: bool, patients: Option<&[&str]>) {
     let col = |b: &B, c: &'static str| -> &'static str { if noindex { b.d.noindex(c) } else { c } };
     match rule {
         ScopeRule::NonPersonal => {
@@ -281,9 +298,31 @@ fn rule_sql(b: &mut B, rule: &ScopeRule, noindex: bool) {
         }
         ScopeRule::Patient { id, types } => {
             let c = col(b, "r.patient_id");
-            b.s("(").s(c).s(" = ").text(id);
+            b.s("(").s(c);
+            match patients {
+                None => {
+                    b.s(" = ").text(id);
+                }
+                Some(ids) => {
+                    let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+                    match b.d {
+                        Dialect::Sqlite => {
+                            b.s(" IN (SELECT value FROM json_each(").text(&list).s("))")
+                        }
+                        Dialect::Postgres => b
+                            .s(" IN (SELECT jsonb_array_elements_text(")
+                            .text(&list)
+                            .s("::text::jsonb))"),
+                    };
+                }
+            }
             if let Some(types) = types {
-                let c = col(b, "r.rt");
+                // over a list, the patients drive (see `search_where`), never the type
+                let c = if patients.is_some() {
+                    b.d.noindex("r.rt")
+                } else {
+                    col(b, "r.rt")
+                };
                 in_list(b, c, types);
             }
             b.s(")");
@@ -299,7 +338,7 @@ fn rule_sql(b: &mut B, rule: &ScopeRule, noindex: bool) {
         }
         ScopeRule::Labeled { rule, filter } => {
             b.s("(");
-            rule_sql(b, rule, noindex);
+            rule_sql_for(b, rule, noindex, patients);
             if !filter.deny.is_empty() {
                 b.s(" AND NOT ");
                 label_exists(b, &filter.system, Some(&filter.deny));
@@ -355,15 +394,56 @@ fn scope_sql(b: &mut B, scope: &Scope, noindex: bool) {
         }
         Scope::AnyOf(rules) => {
             b.s("(");
-            for (i, rule) in rules.iter().enumerate() {
+            for (i, (rule, patients)) in patient_groups(rules).into_iter().enumerate() {
                 if i > 0 {
                     b.s(" OR ");
                 }
-                rule_sql(b, rule, noindex);
+                match patients {
+                    Some(ids) if ids.len() > 1 => rule_sql_for(b, rule, noindex, Some(&ids)),
+                    _ => rule_sql(b, rule, noindex),
+                }
             }
             b.s(")");
         }
     }
+}
+
+/// A patient rule without its patient: its types and its label filter.
+type RuleShape<'a> = (Option<&'a Vec<String>>, Option<&'a LabelFilter>);
+
+/// The patient a rule admits, and the rest of it: rules equal in the rest differ
+/// only in the patient.
+fn patient_part(rule: &ScopeRule) -> Option<(&str, RuleShape<'_>)> {
+    match rule {
+        ScopeRule::Patient { id, types } => Some((id, (types.as_ref(), None))),
+        ScopeRule::Labeled { rule, filter } => match rule.as_ref() {
+            ScopeRule::Patient { id, types } => Some((id, (types.as_ref(), Some(filter)))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The rules in order, those that differ only in the patient merged into their
+/// first, with the patients' ids. A facility's live consents give one rule per
+/// patient (thousands at a hospital): merged, they are one clause over one bound
+/// list, so the statement's text does not grow with them and is prepared once.
+fn patient_groups(rules: &[ScopeRule]) -> Vec<(&ScopeRule, Option<Vec<&str>>)> {
+    let mut out: Vec<(&ScopeRule, Option<Vec<&str>>)> = Vec::new();
+    for rule in rules {
+        let Some((id, shape)) = patient_part(rule) else {
+            out.push((rule, None));
+            continue;
+        };
+        let same = out.iter_mut().find(|(first, ids)| {
+            ids.is_some() && patient_part(first).is_some_and(|(_, s)| s == shape)
+        });
+        match same {
+            Some((_, Some(ids))) => ids.push(id),
+            _ => out.push((rule, Some(vec![id]))),
+        }
+    }
+    out
 }
 
 /// ` AND col IN (...)`; an empty list admits nothing.
@@ -798,7 +878,11 @@ fn search_where(b: &mut B, q: &SearchQuery, scope: &Scope) {
         .iter()
         .any(|c| matches!(c.criterion, Criterion::Id(_)));
     let driver = driver(q, scope);
-    let rt = if driver.is_some() {
+    // Without a driving clause, a scope of patients only is driven by the patient
+    // index (a facility's consents may list thousands of patients, the type has
+    // millions of rows): SQLite would otherwise walk the type in last-updated
+    // order to save the sort.
+    let rt = if driver.is_some() || patients_only(scope) {
         b.d.noindex("r.rt")
     } else {
         "r.rt"
@@ -1176,6 +1260,44 @@ mod tests {
             param_key("Patient", "name"),
             param_key("Practitioner", "name")
         );
+    }
+
+    #[test]
+    fn a_scope_of_many_patients_is_one_statement_whatever_their_number() {
+        let rules = |n: usize| -> Scope {
+            let mut r: Vec<ScopeRule> = (0..n)
+                .map(|i| ScopeRule::Patient {
+                    id: format!("p{i}"),
+                    types: Some(vec!["Coverage".into()]),
+                })
+                .collect();
+            r.push(ScopeRule::NonPersonal);
+            Scope::AnyOf(r)
+        };
+        let q = SearchQuery::new("Coverage");
+        for d in [Dialect::Sqlite, Dialect::Postgres] {
+            let two = search_page(d, &q, &rules(2)).unwrap();
+            let many = search_page(d, &q, &rules(3000)).unwrap();
+            assert_eq!(
+                two.sql, many.sql,
+                "{d:?}: the text does not grow with the patients"
+            );
+            assert_eq!(two.params.len(), many.params.len());
+            let list = many
+                .params
+                .iter()
+                .find_map(|p| match p {
+                    SqlValue::Text(t) if t.starts_with('[') => Some(t.clone()),
+                    _ => None,
+                })
+                .expect("the patients are bound as one list");
+            let ids: Vec<String> = serde_json::from_str(&list).unwrap();
+            assert_eq!(ids.len(), 3000);
+            assert_eq!((ids[0].as_str(), ids[2999].as_str()), ("p0", "p2999"));
+        }
+        // one patient keeps the plain equality (and its index)
+        let one = search_page(Dialect::Sqlite, &q, &rules(1)).unwrap();
+        assert!(!one.sql.contains("json_each"), "{}", one.sql);
     }
 
     #[test]

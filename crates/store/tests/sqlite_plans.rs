@@ -188,6 +188,38 @@ fn hot_searches_are_driven_by_an_index() {
         "{p}"
     );
 
+    // A facility's consents: thousands of patients, one bound list. A search naming
+    // the patient is driven by its reference; the list is only checked per row.
+    let consented = Scope::AnyOf(
+        (0..3000)
+            .map(|i| ScopeRule::Patient {
+                id: format!("p{i}"),
+                types: Some(vec!["Coverage".into()]),
+            })
+            .collect(),
+    );
+    let beneficiary = SearchQuery::new("Coverage").with(
+        "beneficiary",
+        Criterion::Reference(vec![RefMatch {
+            target_type: Some("Patient".into()),
+            target_id: "p7".into(),
+        }]),
+    );
+    let p = plan(&c, &sql::search_page(d, &beneficiary, &consented).unwrap());
+    assert!(
+        p.contains("ix_reference_value (k=? AND target_id=?") && !p.contains("SCAN r"),
+        "{p}"
+    );
+    // with no such criterion the list drives through the patient index, no scan
+    let p = plan(
+        &c,
+        &sql::search_page(d, &SearchQuery::new("Coverage"), &consented).unwrap(),
+    );
+    assert!(
+        p.contains("resource_current_patient") && !p.contains("SCAN r"),
+        "{p}"
+    );
+
     let p = plan(
         &c,
         &sql::compartment_page(d, "p1", &Scope::Unrestricted, 50, 0),
