@@ -6,6 +6,9 @@
 //! $B coverage import /tmp/cov.ndjson --insurer 06130017 --data-dir /tmp/d   # import rate
 //! $B serve --data-dir /tmp/d --listen 127.0.0.1:8089 &             # the server, one process
 //! $B coverage loadgen --url http://127.0.0.1:8089 --data-dir /tmp/d --persons 1000000 --concurrency 32
+//! $B coverage cards --data-dir /tmp/d --persons 1000000 --count 10000 --out /tmp/cards.ndjson
+//! $B coverage loadgen --url http://127.0.0.1:8089 --data-dir /tmp/d --persons 1000000 \
+//!     --mode reception --cards /tmp/cards.ndjson --concurrency 16
 //! ```
 //!
 //! `serve` runs the platform server with the eligibility service (embedded SQLite in
@@ -66,7 +69,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let config = ServerConfig {
-                data_dir,
+                data_dir: data_dir.clone(),
                 listen,
                 database,
                 base_url: Some(format!("http://{listen}/fhir")),
@@ -75,9 +78,13 @@ fn main() -> anyhow::Result<()> {
             // opened outside the runtime: the synchronous PostgreSQL client blocks
             let store = tsunagi_server::open_store(&config)
                 .map_err(|e| anyhow::anyhow!("open store: {e}"))?;
+            // as `tsunagi serve`: the card authority of the data directory, the live
+            // consents, disaster declarations and facility settings from the store
+            let service = EligibilityService::open(store.clone(), &data_dir, Config::default())
+                .map_err(|e| anyhow::anyhow!("eligibility service: {e}"))?;
             rt.block_on(async move {
                 let state = tsunagi_server::Builder::new(config, store)
-                    .service(Arc::new(EligibilityService::new(Config::default())))
+                    .service(Arc::new(service))
                     .build()
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 let listener = tokio::net::TcpListener::bind(listen).await?;

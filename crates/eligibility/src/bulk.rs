@@ -488,13 +488,18 @@ pub mod synth {
         )
     }
 
+    /// The linkage id (機関別符号 stand-in) of person `i`.
+    pub fn linkage_id(i: u64) -> String {
+        format!("LINK-{i:012}")
+    }
+
     /// One NDJSON registration line of person `i`.
     pub fn row(i: u64, insurer: &str) -> Value {
         let (ins, symbol, number, branch, birth) = keys(i, insurer);
         let family = ["山田", "佐藤", "鈴木", "高橋", "田中"][(i % 5) as usize];
         let kana = ["ヤマダ", "サトウ", "スズキ", "タカハシ", "タナカ"][(i % 5) as usize];
         json!({
-            "linkageId": format!("LINK-{i:012}"),
+            "linkageId": linkage_id(i),
             "insurerNumber": ins, "symbol": symbol, "number": number, "branch": branch,
             "relationship": if branch == "00" { "self" } else { "family" },
             "copayPercent": 30, "start": "2024-04-01",
@@ -535,9 +540,38 @@ pub mod cli {
         Import(ImportArgs),
         /// Writes a synthetic coverage file of N persons (benchmarks, demos).
         Generate(GenerateArgs),
-        /// Load generator: drives `$eligibility` with concurrent clients against a
-        /// running server and prints throughput and latency percentiles.
+        /// Load generator: drives `$eligibility` (or card receptions) with concurrent
+        /// clients against a running server and prints throughput and latency percentiles.
         Loadgen(LoadgenArgs),
+        /// Issues My Number card certificates to generated persons and writes the cards
+        /// (key + certificate, one JSON per line) for `loadgen --mode reception`.
+        Cards(CardsArgs),
+    }
+
+    /// What the load generator drives.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+    pub enum LoadMode {
+        /// `POST /fhir/$eligibility` by insurance number and birth date (資格確認書).
+        Eligibility,
+        /// A card reception: `$reception-nonce`, the card's signature, `$reception`.
+        Reception,
+    }
+
+    #[derive(Debug, clap::Args)]
+    pub struct CardsArgs {
+        #[arg(long, env = "TSUNAGI_DATA_DIR")]
+        pub data_dir: PathBuf,
+        #[arg(long, env = "TSUNAGI_DATABASE")]
+        pub database: Option<String>,
+        /// Persons in the generated data; the cards go to persons spread evenly over them.
+        #[arg(long)]
+        pub persons: u64,
+        /// Cards to issue.
+        #[arg(long, default_value_t = 10_000)]
+        pub count: u64,
+        /// The cards file to write (private keys: benchmark use only).
+        #[arg(long)]
+        pub out: PathBuf,
     }
 
     #[derive(Debug, clap::Args)]
@@ -597,9 +631,17 @@ pub mod cli {
         /// Seconds of measured load (after 2 s of warm-up).
         #[arg(long, default_value_t = 20)]
         pub seconds: u64,
-        /// Operation path.
+        /// Operation path (eligibility mode).
         #[arg(long, default_value = "/fhir/$eligibility")]
         pub path: String,
+        #[arg(long, value_enum, default_value = "eligibility")]
+        pub mode: LoadMode,
+        /// Cards file from `coverage cards` (reception mode).
+        #[arg(long, required_if_eq("mode", "reception"))]
+        pub cards: Option<PathBuf>,
+        /// Facilities the requests are spread over (one reader clerk each).
+        #[arg(long, default_value_t = 8)]
+        pub facilities: u32,
     }
 
     pub fn run_coverage(args: CoverageArgs) -> anyhow::Result<i32> {
@@ -607,6 +649,7 @@ pub mod cli {
             CoverageCommand::Import(a) => import(a),
             CoverageCommand::Generate(a) => generate(a),
             CoverageCommand::Loadgen(a) => loadgen(a),
+            CoverageCommand::Cards(a) => cards(a),
         }
     }
 
@@ -712,111 +755,301 @@ pub mod cli {
         Ok(0)
     }
 
-    fn loadgen(a: LoadgenArgs) -> anyhow::Result<i32> {
-        let keys = tsunagi_policy::ServerKeys::load_or_create(&a.data_dir)
-            .map_err(|e| anyhow::anyhow!("server key: {e}"))?;
+    fn cards(a: CardsArgs) -> anyhow::Result<i32> {
+        use crate::cards::{CardAuthority, CardKind, issue};
+        anyhow::ensure!(
+            a.count >= 1 && a.count <= a.persons,
+            "--count must be 1..=--persons"
+        );
+        let cfg = ServerConfig {
+            data_dir: a.data_dir.clone(),
+            database: a.database.clone(),
+            ..ServerConfig::default()
+        };
+        let store = tsunagi_server::open_store(&cfg)
+            .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
+        let ca = CardAuthority::load_or_create(&a.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let f = std::fs::File::create(&a.out)
+            .with_context(|| format!("creating {}", a.out.display()))?;
+        let mut w = BufWriter::new(f);
+        let bar = ProgressBar::new(a.count);
+        let now = chrono::Utc::now();
+        let started = Instant::now();
+        for j in 0..a.count {
+            let i = j * (a.persons / a.count);
+            let person = crate::coverage::person_id(&synth::linkage_id(i));
+            let card = issue(
+                &*store,
+                &ca,
+                &person,
+                CardKind::Card,
+                now - chrono::Duration::days(1),
+                now + chrono::Duration::days(5 * 365),
+                now,
+            )
+            .map_err(|e| anyhow::anyhow!("person {i} ({person}): {e}"))?;
+            serde_json::to_writer(&mut w, &card)?;
+            w.write_all(b"\n")?;
+            bar.inc(1);
+        }
+        w.flush()?;
+        bar.finish_and_clear();
+        println!(
+            "{} cards in {:.1}s -> {}",
+            a.count,
+            started.elapsed().as_secs_f64(),
+            a.out.display()
+        );
+        Ok(0)
+    }
+
+    /// A clerk token of facility `f` (a valid 医療機関等コード, clinic), signed with the
+    /// server's key from its data directory.
+    fn clerk_token(keys: &tsunagi_policy::ServerKeys, f: u32) -> anyhow::Result<String> {
+        let body = format!("131{:06}", 10_000 + f);
+        let d: Vec<u8> = body.bytes().map(|b| b - b'0').collect();
+        let code = format!("{body}{}", tsunagi_policy::ids::mod10_w21_check_digit(&d));
         let clerk = Principal::new(
-            "1310123458",
+            &code,
             OrgKind::Clinic,
             vec![],
             Role::Clerk,
-            Some("loadgen".into()),
+            Some(format!("loadgen-{f}")),
             None,
             false,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let token = keys
-            .issue(&clerk, chrono::Duration::hours(2))
-            .map_err(|e| anyhow::anyhow!("token: {e}"))?;
+        keys.issue(&clerk, chrono::Duration::hours(2))
+            .map_err(|e| anyhow::anyhow!("token: {e}"))
+    }
+
+    /// What one iteration of a load-generator worker reports: the latency (µs) of each
+    /// timed step, or `None` when a step failed or answered wrongly.
+    type Steps = Option<Vec<u32>>;
+
+    /// Runs `one` on `concurrency` workers (each with its own random sequence): 2 s of
+    /// warm-up, then `seconds` measured. Returns, per step, the measured latencies
+    /// (sorted), the error count and the measured seconds.
+    async fn drive<F, Fut>(
+        concurrency: usize,
+        seconds: u64,
+        one: F,
+    ) -> anyhow::Result<(Vec<Vec<u32>>, u64, f64)>
+    where
+        F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Steps> + Send,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let measuring = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for w in 0..concurrency {
+            let one = one.clone();
+            let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat: Vec<Vec<u32>> = Vec::new();
+                let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let r = one(x).await;
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match r {
+                        Some(steps) => {
+                            lat.resize_with(lat.len().max(steps.len()), Vec::new);
+                            for (k, us) in steps.into_iter().enumerate() {
+                                lat[k].push(us);
+                            }
+                        }
+                        None => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                lat
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        measuring.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        measuring.store(false, Ordering::Relaxed);
+        let elapsed = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<Vec<u32>> = Vec::new();
+        for t in tasks {
+            let lat = t.await?;
+            all.resize_with(all.len().max(lat.len()), Vec::new);
+            for (k, l) in lat.into_iter().enumerate() {
+                all[k].extend(l);
+            }
+        }
+        for l in &mut all {
+            l.sort_unstable();
+        }
+        Ok((all, errors.load(Ordering::Relaxed), elapsed))
+    }
+
+    fn ms(sorted: &[u32], p: f64) -> f64 {
+        tsunagi_server::latency::nearest_rank(sorted, p).map_or(0.0, |us| us as f64 / 1000.0)
+    }
+
+    fn micros(t: Instant) -> u32 {
+        t.elapsed().as_micros().min(u32::MAX as u128) as u32
+    }
+
+    /// POSTs a FHIR JSON body; the answer's text when the status is a success.
+    async fn post(
+        client: &reqwest::Client,
+        url: &str,
+        token: &str,
+        body: Vec<u8>,
+    ) -> Option<String> {
+        let resp = client
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        let ok = resp.status().is_success();
+        let text = resp.text().await.ok()?;
+        ok.then_some(text)
+    }
+
+    fn loadgen(a: LoadgenArgs) -> anyhow::Result<i32> {
+        let keys = tsunagi_policy::ServerKeys::load_or_create(&a.data_dir)
+            .map_err(|e| anyhow::anyhow!("server key: {e}"))?;
+        let tokens: Arc<Vec<String>> = Arc::new(
+            (0..a.facilities.max(1))
+                .map(|f| clerk_token(&keys, f))
+                .collect::<anyhow::Result<_>>()?,
+        );
+        let cards: Arc<Vec<(crate::cards::CardSigner, String)>> = Arc::new(match &a.cards {
+            Some(p) if a.mode == LoadMode::Reception => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                text.lines()
+                    .map(|l| {
+                        let c: crate::cards::CardFile = serde_json::from_str(l)?;
+                        let signer = c.signer().map_err(|e| anyhow::anyhow!("{e}"))?;
+                        Ok((signer, c.certificate.encode()))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+            _ => Vec::new(),
+        });
+        anyhow::ensure!(
+            a.mode == LoadMode::Eligibility || !cards.is_empty(),
+            "the cards file holds no card"
+        );
         let insurer = synth::insurer_number(a.insurer);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
+        let base = a.url.trim_end_matches('/').to_string();
         rt.block_on(async move {
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(a.concurrency)
                 .build()?;
-            let url = format!("{}{}", a.url.trim_end_matches('/'), a.path);
-            let stop = Arc::new(AtomicBool::new(false));
-            let measuring = Arc::new(AtomicBool::new(false));
-            let errors = Arc::new(AtomicU64::new(0));
-            let mut tasks = Vec::new();
-            for w in 0..a.concurrency {
-                let (client, url, token, insurer) =
-                    (client.clone(), url.clone(), token.clone(), insurer.clone());
-                let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
-                let persons = a.persons.max(1);
-                tasks.push(tokio::spawn(async move {
-                    let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
-                    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1);
-                    while !stop.load(Ordering::Relaxed) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let i = x % persons;
-                        let (ins, symbol, number, branch, birth) = synth::keys(i, &insurer);
-                        let body = serde_json::json!({"resourceType": "Parameters", "parameter": [
-                            {"name": "insurerNumber", "valueString": ins},
-                            {"name": "symbol", "valueString": symbol},
-                            {"name": "number", "valueString": number},
-                            {"name": "branch", "valueString": branch},
-                            {"name": "birthDate", "valueDate": birth}
-                        ]});
-                        let t = Instant::now();
-                        let r = client
-                            .post(&url)
-                            .bearer_auth(&token)
-                            .header("content-type", "application/fhir+json")
-                            .body(serde_json::to_vec(&body).unwrap_or_default())
-                            .send()
-                            .await;
-                        let ok = match r {
-                            Ok(resp) => {
-                                let st = resp.status();
-                                let text = resp.text().await.unwrap_or_default();
-                                st.is_success() && text.contains("\"valueCode\":\"eligible\"")
-                            }
-                            Err(_) => false,
-                        };
-                        let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                        if measuring.load(Ordering::Relaxed) {
-                            if ok {
-                                lat.push(us);
-                            } else {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
+            let persons = a.persons.max(1);
+            let (lat, errors, elapsed) = match a.mode {
+                LoadMode::Eligibility => {
+                    let url = format!("{base}{}", a.path);
+                    drive(a.concurrency, a.seconds, move |x| {
+                        let (client, url, tokens, insurer) =
+                            (client.clone(), url.clone(), tokens.clone(), insurer.clone());
+                        async move {
+                            let (ins, symbol, number, branch, birth) =
+                                synth::keys(x % persons, &insurer);
+                            let body = serde_json::json!({"resourceType": "Parameters", "parameter": [
+                                {"name": "insurerNumber", "valueString": ins},
+                                {"name": "symbol", "valueString": symbol},
+                                {"name": "number", "valueString": number},
+                                {"name": "branch", "valueString": branch},
+                                {"name": "birthDate", "valueDate": birth}
+                            ]});
+                            let token = &tokens[(x >> 40) as usize % tokens.len()];
+                            let t = Instant::now();
+                            let text = post(&client, &url, token, body.to_string().into_bytes()).await?;
+                            text.contains("\"valueCode\":\"eligible\"").then(|| vec![micros(t)])
                         }
-                    }
-                    lat
-                }));
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            measuring.store(true, Ordering::Relaxed);
-            let t0 = Instant::now();
-            tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-            measuring.store(false, Ordering::Relaxed);
-            let elapsed = t0.elapsed().as_secs_f64();
-            stop.store(true, Ordering::Relaxed);
-            let mut all: Vec<u32> = Vec::new();
-            for t in tasks {
-                all.extend(t.await?);
-            }
-            all.sort_unstable();
-            let pct = |p: f64| -> f64 {
-                tsunagi_server::latency::nearest_rank(&all, p).map_or(0.0, |us| us as f64 / 1000.0)
+                    })
+                    .await?
+                }
+                LoadMode::Reception => {
+                    drive(a.concurrency, a.seconds, move |x| {
+                        let (client, base, tokens, cards) =
+                            (client.clone(), base.clone(), tokens.clone(), cards.clone());
+                        async move {
+                            let (signer, certificate) = &cards[x as usize % cards.len()];
+                            let token = &tokens[(x >> 40) as usize % tokens.len()];
+                            let t = Instant::now();
+                            let text = post(
+                                &client,
+                                &format!("{base}/fhir/$reception-nonce"),
+                                token,
+                                br#"{"resourceType":"Parameters"}"#.to_vec(),
+                            )
+                            .await?;
+                            let nonce_us = micros(t);
+                            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                            let nonce = v["parameter"][0]["valueString"].as_str()?.to_string();
+                            let body = crate::reception::reception_parameters(
+                                certificate,
+                                &signer.sign(&nonce),
+                                &nonce,
+                                "face",
+                                [true, true, false],
+                                "outpatient",
+                            );
+                            let t1 = Instant::now();
+                            let text = post(
+                                &client,
+                                &format!("{base}/fhir/$reception"),
+                                token,
+                                body.to_string().into_bytes(),
+                            )
+                            .await?;
+                            let reception_us = micros(t1);
+                            text.contains("\"Coverage\"")
+                                .then(|| vec![micros(t), nonce_us, reception_us])
+                        }
+                    })
+                    .await?
+                }
+            };
+            let empty = Vec::new();
+            let total = lat.first().unwrap_or(&empty);
+            let what = match a.mode {
+                LoadMode::Eligibility => "requests",
+                LoadMode::Reception => "receptions (nonce + $reception)",
             };
             println!(
-                "{} requests in {:.1}s: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors (concurrency {})",
-                all.len(),
-                elapsed,
-                all.len() as f64 / elapsed,
-                pct(0.50),
-                pct(0.99),
-                pct(1.0),
-                errors.load(Ordering::Relaxed),
+                "{} {what} in {elapsed:.1}s: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {errors} errors (concurrency {})",
+                total.len(),
+                total.len() as f64 / elapsed,
+                ms(total, 0.50),
+                ms(total, 0.99),
+                ms(total, 1.0),
                 a.concurrency
             );
+            if a.mode == LoadMode::Reception
+                && let (Some(nonce), Some(reception)) = (lat.get(1), lat.get(2))
+            {
+                println!(
+                    "  $reception p50 {:.2} ms, p99 {:.2} ms; $reception-nonce p50 {:.2} ms, p99 {:.2} ms",
+                    ms(reception, 0.50),
+                    ms(reception, 0.99),
+                    ms(nonce, 0.50),
+                    ms(nonce, 0.99)
+                );
+            }
             anyhow::Ok(())
         })?;
         Ok(0)

@@ -164,7 +164,22 @@ impl CardFile {
 
     /// Signs a nonce (its UTF-8 bytes); base64 signature.
     pub fn sign(&self, nonce: &str) -> Result<String, String> {
-        Ok(B64.encode(self.signing_key()?.sign(nonce.as_bytes()).to_bytes()))
+        Ok(self.signer()?.sign(nonce))
+    }
+
+    /// The card's key, read once, for signing many nonces (load generators).
+    pub fn signer(&self) -> Result<CardSigner, String> {
+        Ok(CardSigner(self.signing_key()?))
+    }
+}
+
+/// A card's private key ready to sign (see [`CardFile::signer`]).
+pub struct CardSigner(SigningKey);
+
+impl CardSigner {
+    /// Signs a nonce (its UTF-8 bytes); base64 signature.
+    pub fn sign(&self, nonce: &str) -> String {
+        B64.encode(self.0.sign(nonce.as_bytes()).to_bytes())
     }
 }
 
