@@ -65,6 +65,11 @@ pub struct PlatformArgs {
     /// Keep the work directory (and PostgreSQL database) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Measure reads and searches only, on the database an earlier `--keep` run of the
+    /// same backend, `--patients`, `--hospitals` and `--seed` left: no generation,
+    /// import or HTTP ingest (their figures are null). For comparing server builds.
+    #[arg(long, requires = "keep")]
+    reuse: bool,
 }
 
 /// Latency summary in milliseconds.
@@ -273,13 +278,22 @@ pub fn run(args: PlatformArgs) -> anyhow::Result<()> {
         },
         args.patients
     ));
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
     let data_dir = work.join("data");
-    std::fs::create_dir_all(&data_dir)?;
-    if args.backend == Backend::Postgres {
-        fresh_pg_database(&args.database)?;
+    if args.reuse {
+        if args.backend == Backend::Sqlite && !data_dir.join("tsunagi.db").exists() {
+            bail!(
+                "--reuse: no database in {} (run once with --keep)",
+                data_dir.display()
+            );
+        }
+    } else {
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        std::fs::create_dir_all(&data_dir)?;
+        if args.backend == Backend::Postgres {
+            fresh_pg_database(&args.database)?;
+        }
     }
     let synth = Synth::new(args.seed, args.hospitals);
     let ctx = Ctx {
@@ -345,10 +359,10 @@ fn human(r: &Value) {
     );
 }
 
-fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
+/// Steps 1–3: the organisations, the NDJSON per hospital, `tsunagi import` of each.
+fn load_by_import(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
     let a = &ctx.args;
     let db = ctx.db_args();
-
     // 1. organisations
     let orgs = work.join("orgs.ndjson");
     {
@@ -424,6 +438,17 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
         "resources_per_cpu_second": round2(import_resources as f64 / import_cpu.max(1e-9)),
     });
     eprintln!("import: {ingest_import}");
+    Ok(ingest_import)
+}
+
+fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
+    let a = &ctx.args;
+    let db = ctx.db_args();
+    let ingest_import = if a.reuse {
+        Value::Null
+    } else {
+        load_by_import(ctx, work)?
+    };
 
     // 4. tokens: a doctor per hospital
     let mut tokens = Vec::new();
@@ -472,12 +497,18 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             .timeout(Duration::from_secs(120))
             .build()?;
         wait_ready(&client, &base).await?;
-        eprintln!("server up (pid {pid}); HTTP ingest ...");
-        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
-        let mut ingest_tx = http_ingest(ctx, &client, &base, &tokens).await?;
-        let n = ingest_tx["resources"].as_f64().unwrap_or(0.0);
-        add_cpu(&mut ingest_tx, pid, c0, s0, n);
-        eprintln!("transaction ingest: {ingest_tx}");
+        let ingest_tx = if a.reuse {
+            eprintln!("server up (pid {pid}); reusing the database");
+            Value::Null
+        } else {
+            eprintln!("server up (pid {pid}); HTTP ingest ...");
+            let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
+            let mut ingest_tx = http_ingest(ctx, &client, &base, &tokens).await?;
+            let n = ingest_tx["resources"].as_f64().unwrap_or(0.0);
+            add_cpu(&mut ingest_tx, pid, c0, s0, n);
+            eprintln!("transaction ingest: {ingest_tx}");
+            ingest_tx
+        };
         let (hwm_after_ingest, _) = proc_mem(pid);
 
         let synth = Arc::new(ctx.synth.clone());

@@ -84,18 +84,17 @@ fn resource_response(
     ret: Return,
     location: bool,
 ) -> Response {
-    let body = match ret {
-        Return::Representation => s.resource.clone().unwrap_or(Value::Null),
-        Return::Outcome => operation_outcome(&[Issue::information(format!(
-            "{}/{} version {} stored",
-            s.resource_type, s.id, s.version
-        ))]),
-        Return::Minimal => Value::Null,
-    };
-    let mut resp = if body.is_null() {
-        status.into_response()
-    } else {
-        fhir_json(status, &body)
+    // the stored resource is serialised in place: a read does not copy its tree
+    let mut resp = match (ret, &s.resource) {
+        (Return::Representation, Some(body)) => fhir_json(status, body),
+        (Return::Outcome, _) => fhir_json(
+            status,
+            &operation_outcome(&[Issue::information(format!(
+                "{}/{} version {} stored",
+                s.resource_type, s.id, s.version
+            ))]),
+        ),
+        (Return::Representation, None) | (Return::Minimal, _) => status.into_response(),
     };
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
