@@ -653,14 +653,21 @@ pub mod cli {
         }
     }
 
-    fn import(a: ImportArgs) -> anyhow::Result<i32> {
+    /// The store of a data directory, or of `--database`.
+    fn open(
+        data_dir: &std::path::Path,
+        database: &Option<String>,
+    ) -> anyhow::Result<Arc<dyn tsunagi_store::Store>> {
         let cfg = ServerConfig {
-            data_dir: a.data_dir.clone(),
-            database: a.database.clone(),
+            data_dir: data_dir.to_path_buf(),
+            database: database.clone(),
             ..ServerConfig::default()
         };
-        let store = tsunagi_server::open_store(&cfg)
-            .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
+        tsunagi_server::open_store(&cfg).map_err(|e| anyhow::anyhow!("opening the database: {e}"))
+    }
+
+    fn import(a: ImportArgs) -> anyhow::Result<i32> {
+        let store = open(&a.data_dir, &a.database)?;
         tsunagi_policy::ids::validate_insurer_number(&a.insurer)
             .map_err(|e| anyhow::anyhow!("--insurer: {e}"))?;
         let actor = Principal::new(
@@ -761,13 +768,7 @@ pub mod cli {
             a.count >= 1 && a.count <= a.persons,
             "--count must be 1..=--persons"
         );
-        let cfg = ServerConfig {
-            data_dir: a.data_dir.clone(),
-            database: a.database.clone(),
-            ..ServerConfig::default()
-        };
-        let store = tsunagi_server::open_store(&cfg)
-            .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
+        let store = open(&a.data_dir, &a.database)?;
         let ca = CardAuthority::load_or_create(&a.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         let f = std::fs::File::create(&a.out)
             .with_context(|| format!("creating {}", a.out.display()))?;
