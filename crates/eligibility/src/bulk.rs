@@ -515,14 +515,13 @@ pub mod cli {
     use std::io::{BufWriter, Write};
     use std::path::PathBuf;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use anyhow::Context;
     use indicatif::{ProgressBar, ProgressStyle};
     use tsunagi_policy::identity::{OrgKind, Principal, Role};
     use tsunagi_policy::policy::Policy;
-    use tsunagi_server::ServerConfig;
+    use tsunagi_server::{ServerConfig, latency};
 
     use super::{Format, ImportOptions, errors_path, import_file, synth};
 
@@ -824,84 +823,6 @@ pub mod cli {
             .map_err(|e| anyhow::anyhow!("token: {e}"))
     }
 
-    /// What one iteration of a load-generator worker reports: the latency (µs) of each
-    /// timed step, or `None` when a step failed or answered wrongly.
-    type Steps = Option<Vec<u32>>;
-
-    /// Runs `one` on `concurrency` workers (each with its own random sequence): 2 s of
-    /// warm-up, then `seconds` measured. Returns, per step, the measured latencies
-    /// (sorted), the error count and the measured seconds.
-    async fn drive<F, Fut>(
-        concurrency: usize,
-        seconds: u64,
-        one: F,
-    ) -> anyhow::Result<(Vec<Vec<u32>>, u64, f64)>
-    where
-        F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Steps> + Send,
-    {
-        let stop = Arc::new(AtomicBool::new(false));
-        let measuring = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for w in 0..concurrency {
-            let one = one.clone();
-            let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat: Vec<Vec<u32>> = Vec::new();
-                let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1);
-                while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let r = one(x).await;
-                    if !measuring.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    match r {
-                        Some(steps) => {
-                            lat.resize_with(lat.len().max(steps.len()), Vec::new);
-                            for (k, us) in steps.into_iter().enumerate() {
-                                lat[k].push(us);
-                            }
-                        }
-                        None => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                lat
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        measuring.store(true, Ordering::Relaxed);
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        measuring.store(false, Ordering::Relaxed);
-        let elapsed = t0.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let mut all: Vec<Vec<u32>> = Vec::new();
-        for t in tasks {
-            let lat = t.await?;
-            all.resize_with(all.len().max(lat.len()), Vec::new);
-            for (k, l) in lat.into_iter().enumerate() {
-                all[k].extend(l);
-            }
-        }
-        for l in &mut all {
-            l.sort_unstable();
-        }
-        Ok((all, errors.load(Ordering::Relaxed), elapsed))
-    }
-
-    fn ms(sorted: &[u32], p: f64) -> f64 {
-        tsunagi_server::latency::nearest_rank(sorted, p).map_or(0.0, |us| us as f64 / 1000.0)
-    }
-
-    fn micros(t: Instant) -> u32 {
-        t.elapsed().as_micros().min(u32::MAX as u128) as u32
-    }
-
     /// POSTs a FHIR JSON body; the answer's text when the status is a success.
     async fn post(
         client: &reqwest::Client,
@@ -959,10 +880,10 @@ pub mod cli {
                 .pool_max_idle_per_host(a.concurrency)
                 .build()?;
             let persons = a.persons.max(1);
-            let (lat, errors, elapsed) = match a.mode {
+            let load = match a.mode {
                 LoadMode::Eligibility => {
                     let url = format!("{base}{}", a.path);
-                    drive(a.concurrency, a.seconds, move |x| {
+                    latency::drive(a.concurrency, a.seconds, move |x| {
                         let (client, url, tokens, insurer) =
                             (client.clone(), url.clone(), tokens.clone(), insurer.clone());
                         async move {
@@ -978,13 +899,13 @@ pub mod cli {
                             let token = &tokens[(x >> 40) as usize % tokens.len()];
                             let t = Instant::now();
                             let text = post(&client, &url, token, body.to_string().into_bytes()).await?;
-                            text.contains("\"valueCode\":\"eligible\"").then(|| vec![micros(t)])
+                            text.contains("\"valueCode\":\"eligible\"").then(|| vec![latency::micros(t)])
                         }
                     })
                     .await?
                 }
                 LoadMode::Reception => {
-                    drive(a.concurrency, a.seconds, move |x| {
+                    latency::drive(a.concurrency, a.seconds, move |x| {
                         let (client, base, tokens, cards) =
                             (client.clone(), base.clone(), tokens.clone(), cards.clone());
                         async move {
@@ -998,7 +919,7 @@ pub mod cli {
                                 br#"{"resourceType":"Parameters"}"#.to_vec(),
                             )
                             .await?;
-                            let nonce_us = micros(t);
+                            let nonce_us = latency::micros(t);
                             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
                             let nonce = v["parameter"][0]["valueString"].as_str()?.to_string();
                             let body = crate::reception::reception_parameters(
@@ -1017,14 +938,19 @@ pub mod cli {
                                 body.to_string().into_bytes(),
                             )
                             .await?;
-                            let reception_us = micros(t1);
+                            let reception_us = latency::micros(t1);
                             text.contains("\"Coverage\"")
-                                .then(|| vec![micros(t), nonce_us, reception_us])
+                                .then(|| vec![latency::micros(t), nonce_us, reception_us])
                         }
                     })
                     .await?
                 }
             };
+            let latency::Load {
+                steps: lat,
+                errors,
+                seconds: elapsed,
+            } = load;
             let empty = Vec::new();
             let total = lat.first().unwrap_or(&empty);
             let what = match a.mode {
@@ -1035,9 +961,9 @@ pub mod cli {
                 "{} {what} in {elapsed:.1}s: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {errors} errors (concurrency {})",
                 total.len(),
                 total.len() as f64 / elapsed,
-                ms(total, 0.50),
-                ms(total, 0.99),
-                ms(total, 1.0),
+                latency::ms(total, 0.50),
+                latency::ms(total, 0.99),
+                latency::ms(total, 1.0),
                 a.concurrency
             );
             if a.mode == LoadMode::Reception
@@ -1045,10 +971,10 @@ pub mod cli {
             {
                 println!(
                     "  $reception p50 {:.2} ms, p99 {:.2} ms; $reception-nonce p50 {:.2} ms, p99 {:.2} ms",
-                    ms(reception, 0.50),
-                    ms(reception, 0.99),
-                    ms(nonce, 0.50),
-                    ms(nonce, 0.99)
+                    latency::ms(reception, 0.50),
+                    latency::ms(reception, 0.99),
+                    latency::ms(nonce, 0.50),
+                    latency::ms(nonce, 0.99)
                 );
             }
             anyhow::Ok(())

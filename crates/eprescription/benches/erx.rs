@@ -25,8 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::NaiveDate;
 use clap::Parser;
@@ -34,7 +33,7 @@ use serde_json::{Value, json};
 use tsunagi_eprescription::model::{Med, MedIndex, SERVICE_ORG, index_id, to_basic};
 use tsunagi_eprescription::{Config, EprescriptionService};
 use tsunagi_policy::identity::{OrgKind, Principal, Role};
-use tsunagi_server::ServerConfig;
+use tsunagi_server::{ServerConfig, latency};
 use tsunagi_store::WriteContext;
 
 const CLINIC: &str = "1310543218";
@@ -438,55 +437,28 @@ fn loadgen(
             .pool_max_idle_per_host(concurrency)
             .build()?;
         let url = url.trim_end_matches('/').to_string();
-        let stop = Arc::new(AtomicBool::new(false));
-        let measuring = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for w in 0..concurrency {
-            let (client, url, t, mode) = (client.clone(), url.clone(), t.clone(), mode.clone());
-            let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
-                let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1);
-                while !stop.load(Ordering::Relaxed) {
-                    let t0 = Instant::now();
-                    let ok = one(&client, &url, &t, &mode, &mut x, patients.max(1)).await;
-                    let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                    if measuring.load(Ordering::Relaxed) {
-                        if ok {
-                            lat.push(us);
-                        } else {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                lat
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        measuring.store(true, Ordering::Relaxed);
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        measuring.store(false, Ordering::Relaxed);
-        let elapsed = t0.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let mut all: Vec<u32> = Vec::new();
-        for t in tasks {
-            all.extend(t.await?);
-        }
-        all.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            tsunagi_server::latency::nearest_rank(&all, p).map_or(0.0, |us| us as f64 / 1000.0)
-        };
+        let m = mode.clone();
+        let load = latency::drive(concurrency, seconds, move |x| {
+            let (client, url, t, mode) = (client.clone(), url.clone(), t.clone(), m.clone());
+            async move {
+                let mut x = x;
+                let t0 = Instant::now();
+                let ok = one(&client, &url, &t, &mode, &mut x, patients.max(1)).await;
+                ok.then(|| vec![latency::micros(t0)])
+            }
+        })
+        .await?;
+        let empty = Vec::new();
+        let all = load.steps.first().unwrap_or(&empty);
         println!(
             "{mode}: {} in {:.1}s: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors (concurrency {concurrency})",
             all.len(),
-            elapsed,
-            all.len() as f64 / elapsed,
-            pct(0.50),
-            pct(0.99),
-            pct(1.0),
-            errors.load(Ordering::Relaxed),
+            load.seconds,
+            all.len() as f64 / load.seconds,
+            latency::ms(all, 0.50),
+            latency::ms(all, 0.99),
+            latency::ms(all, 1.0),
+            load.errors,
         );
         anyhow::Ok(())
     })
