@@ -57,7 +57,7 @@ pub struct Stats {
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
-    let (cfg, store) = args.data.open()?;
+    let (cfg, store) = args.data.open_for(tsunagi_store::Workload::BulkLoad)?;
     let validator = if args.skip_validation {
         None
     } else {

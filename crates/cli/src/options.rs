@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use tsunagi_server::ServerConfig;
-use tsunagi_store::Store;
+use tsunagi_store::{Store, Workload};
 
 /// Where the data lives. Shared by every command that opens the database.
 #[derive(Args, Debug, Clone)]
@@ -60,7 +60,13 @@ impl DataArgs {
     }
 
     pub fn open(&self) -> anyhow::Result<(ServerConfig, Arc<dyn Store>)> {
-        let cfg = self.load()?;
+        self.open_for(Workload::Online)
+    }
+
+    /// Opens the database for `workload` (a file import: [`Workload::BulkLoad`]).
+    pub fn open_for(&self, workload: Workload) -> anyhow::Result<(ServerConfig, Arc<dyn Store>)> {
+        let mut cfg = self.load()?;
+        cfg.workload = workload;
         let store = tsunagi_server::open_store(&cfg)
             .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
         Ok((cfg, store))

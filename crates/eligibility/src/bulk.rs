@@ -641,6 +641,10 @@ pub mod cli {
         /// Facilities the requests are spread over (one reader clerk each).
         #[arg(long, default_value_t = 8)]
         pub facilities: u32,
+        /// Eligibility mode: count an answer only when it carries at least this many
+        /// subsidies (公費), so a run with subsidies proves they were in every answer.
+        #[arg(long, default_value_t = 0)]
+        pub expect_subsidies: usize,
     }
 
     pub fn run_coverage(args: CoverageArgs) -> anyhow::Result<i32> {
@@ -656,17 +660,19 @@ pub mod cli {
     fn open(
         data_dir: &std::path::Path,
         database: &Option<String>,
+        workload: tsunagi_store::Workload,
     ) -> anyhow::Result<Arc<dyn tsunagi_store::Store>> {
         let cfg = ServerConfig {
             data_dir: data_dir.to_path_buf(),
             database: database.clone(),
+            workload,
             ..ServerConfig::default()
         };
         tsunagi_server::open_store(&cfg).map_err(|e| anyhow::anyhow!("opening the database: {e}"))
     }
 
     fn import(a: ImportArgs) -> anyhow::Result<i32> {
-        let store = open(&a.data_dir, &a.database)?;
+        let store = open(&a.data_dir, &a.database, tsunagi_store::Workload::BulkLoad)?;
         tsunagi_policy::ids::validate_insurer_number(&a.insurer)
             .map_err(|e| anyhow::anyhow!("--insurer: {e}"))?;
         let actor = Principal::new(
@@ -767,7 +773,7 @@ pub mod cli {
             a.count >= 1 && a.count <= a.persons,
             "--count must be 1..=--persons"
         );
-        let store = open(&a.data_dir, &a.database)?;
+        let store = open(&a.data_dir, &a.database, tsunagi_store::Workload::Online)?;
         let ca = CardAuthority::load_or_create(&a.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         let f = std::fs::File::create(&a.out)
             .with_context(|| format!("creating {}", a.out.display()))?;
@@ -880,6 +886,7 @@ pub mod cli {
                 .pool_max_idle_per_host(a.concurrency)
                 .build()?;
             let persons = a.persons.max(1);
+            let expect_subsidies = a.expect_subsidies;
             let load = match a.mode {
                 LoadMode::Eligibility => {
                     let url = format!("{base}{}", a.path);
@@ -899,7 +906,10 @@ pub mod cli {
                             let token = &tokens[(x >> 40) as usize % tokens.len()];
                             let t = Instant::now();
                             let text = post(&client, &url, token, body.to_string().into_bytes()).await?;
-                            text.contains("\"valueCode\":\"eligible\"").then(|| vec![latency::micros(t)])
+                            let us = latency::micros(t);
+                            (text.contains("\"valueCode\":\"eligible\"")
+                                && text.matches("\"name\":\"subsidy\"").count() >= expect_subsidies)
+                                .then(|| vec![us])
                         }
                     })
                     .await?

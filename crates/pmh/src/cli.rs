@@ -13,7 +13,7 @@ use tsunagi_policy::ids::mod10_w21_check_digit;
 use tsunagi_policy::policy::Policy;
 use tsunagi_server::engine::WriteWork;
 use tsunagi_server::{BasicValidator, Ctx, ServerConfig};
-use tsunagi_store::Store;
+use tsunagi_store::{Store, Workload};
 
 use crate::catalogue::{self, Catalogue};
 use crate::recipients::{self, Options};
@@ -34,9 +34,14 @@ pub struct Db {
 
 impl Db {
     fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
+        self.open_for(Workload::Online)
+    }
+
+    fn open_for(&self, workload: Workload) -> anyhow::Result<Arc<dyn Store>> {
         let cfg = ServerConfig {
             data_dir: self.data_dir.clone(),
             database: self.database.clone(),
+            workload,
             ..ServerConfig::default()
         };
         tsunagi_server::open_store(&cfg).map_err(|e| anyhow!("opening the database: {e}"))
@@ -151,7 +156,7 @@ pub fn run_pmh(args: PmhArgs) -> anyhow::Result<i32> {
         } => {
             tsunagi_policy::ids::validate_local_government_code(&municipality)
                 .map_err(|e| anyhow!("--municipality: {e}"))?;
-            let store = db.open()?;
+            let store = db.open_for(Workload::BulkLoad)?;
             let cat = Catalogue::default();
             cat.load(&*store).map_err(|e| anyhow!("{e}"))?;
             cat.replace(cat.missing_builtin());

@@ -50,8 +50,9 @@ pub fn open_store(config: &ServerConfig) -> FhirResult<Arc<dyn Store>> {
                     config.data_dir.display()
                 ))
             })?;
-            Ok(Arc::new(tsunagi_store::sqlite::SqliteStore::open(
+            Ok(Arc::new(tsunagi_store::sqlite::SqliteStore::open_for(
                 &config.data_dir.join("tsunagi.db"),
+                config.workload,
             )?))
         }
     }
