@@ -245,8 +245,10 @@ fn identity_view(p: &Value) -> Value {
     v
 }
 
-/// Renders the answer as a Parameters resource.
-pub fn render(a: &Answer, on: NaiveDate) -> Value {
+/// Renders the answer as a Parameters resource. Takes the answer by value: the
+/// stored resources move into the Parameters instead of being deep-copied (an
+/// answer with subsidies carries a dozen Coverage bodies).
+pub fn render(a: Answer, on: NaiveDate) -> Value {
     let eligible = a.status == "eligible";
     let mut params = vec![
         json!({"name": "eligible", "valueBoolean": eligible}),
@@ -254,7 +256,7 @@ pub fn render(a: &Answer, on: NaiveDate) -> Value {
         json!({"name": "message", "valueString": a.message}),
         json!({"name": "date", "valueDate": on.to_string()}),
     ];
-    if let Some(c) = a.coverage.as_ref().and_then(|c| c.resource.as_ref()) {
+    if let Some(c) = a.coverage.and_then(|c| c.resource) {
         if eligible {
             params.push(json!({"name": "coverage", "resource": c}));
         } else if let Some(end) = c.pointer("/period/end") {
@@ -265,7 +267,7 @@ pub fn render(a: &Answer, on: NaiveDate) -> Value {
         params.push(json!({"name": "patient", "resource": identity_view(p)}));
     }
     if eligible {
-        for s in a.subsidies.iter().filter_map(|s| s.resource.as_ref()) {
+        for s in a.subsidies.into_iter().filter_map(|s| s.resource) {
             params.push(json!({"name": "subsidy", "resource": s}));
         }
     }
@@ -335,5 +337,5 @@ async fn eligibility(
         .filter_map(|s| s.resource.as_ref())
         .collect();
     shared.subsidies_shown(&shown);
-    Ok(fhir_json(StatusCode::OK, &render(&answer, q.on)))
+    Ok(fhir_json(StatusCode::OK, &render(answer, q.on)))
 }
