@@ -70,6 +70,17 @@ pub struct PlatformArgs {
     /// import or HTTP ingest (their figures are null). For comparing server builds.
     #[arg(long, requires = "keep")]
     reuse: bool,
+    /// Load generator of the read and search phases: this program's own HTTP client,
+    /// or wrk (a C load generator; Debian package `wrk`), which leaves the server more
+    /// of the two cores.
+    #[arg(long, value_enum, default_value = "builtin")]
+    client: LoadClient,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadClient {
+    Builtin,
+    Wrk,
 }
 
 /// Latency summary in milliseconds.
@@ -140,16 +151,23 @@ fn proc_cpu(pid: &str) -> f64 {
         return 0.0;
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // after the command: state is field 3, utime 14 and stime 15 (1-based)
-    let ticks: u64 = [11, 12]
+    // after the command: state is field 3, utime 14 and stime 15 (1-based); then
+    // cutime 16 and cstime 17, the CPU of waited-for children (the wrk client)
+    let fields: &[usize] = if pid == "self" {
+        &[11, 12, 13, 14]
+    } else {
+        &[11, 12]
+    };
+    let ticks: u64 = fields
         .iter()
         .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
         .sum();
     ticks as f64 / 100.0
 }
 
-/// Adds the CPU the server and this load generator spent in a phase (robust to a
-/// shared machine: wall-clock rates fall with contention, CPU per request does not).
+/// Adds the CPU the server and the load generator (this process, or wrk) spent in a
+/// phase (robust to a shared machine: wall-clock rates fall with contention, CPU per
+/// request does not).
 fn add_cpu(v: &mut Value, server_pid: u32, server0: f64, client0: f64, requests: f64) {
     let server = proc_cpu(&server_pid.to_string()) - server0;
     let client = proc_cpu("self") - client0;
@@ -515,93 +533,88 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
         let patients = a.patients;
         let dur = Duration::from_secs_f64(a.duration);
 
+        let phases = Phases {
+            client: &client,
+            base: &base,
+            tokens: &tokens,
+            concurrency: a.concurrency,
+            dur,
+            server_pid: pid,
+            load_client: a.client,
+            work,
+        };
         eprintln!("reads ...");
         let s = synth.clone();
-        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
-        let mut read = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
-            let n = rng.below(patients);
-            let (rt, id) = resource_ref(n, rng.below(RESOURCES_PER_PATIENT as u64) as usize);
-            (s.hospital_of(n), format!("/fhir/{rt}/{id}"), vec![])
-        })
-        .await;
-        let n = read["requests"].as_f64().unwrap_or(0.0);
-        add_cpu(&mut read, pid, c0, s0, n);
-        eprintln!("read: {read}");
+        let read = phases
+            .measure("read", move |rng| {
+                let n = rng.below(patients);
+                let (rt, id) = resource_ref(n, rng.below(RESOURCES_PER_PATIENT as u64) as usize);
+                (s.hospital_of(n), format!("/fhir/{rt}/{id}"), vec![])
+            })
+            .await?;
 
         let mut searches = serde_json::Map::new();
         let s = synth.clone();
-        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
-        let mut obs = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
-            let n = rng.below(patients);
-            let k = s.key(n);
-            let code = rng.pick(&k.lab_codes).clone();
-            (
-                k.hospital,
-                "/fhir/Observation".to_string(),
-                vec![
-                    ("patient", format!("Patient/{}", k.id)),
-                    ("code", format!("{JLAC10_SYSTEM}|{code}")),
-                    ("_sort", "-date".into()),
-                    ("_count", "10".into()),
-                ],
-            )
-        })
-        .await;
-        let n = obs["requests"].as_f64().unwrap_or(0.0);
-        add_cpu(&mut obs, pid, c0, s0, n);
-        eprintln!("search observation: {obs}");
+        let obs = phases
+            .measure("search observation", move |rng| {
+                let n = rng.below(patients);
+                let k = s.key(n);
+                let code = rng.pick(&k.lab_codes).clone();
+                (
+                    k.hospital,
+                    "/fhir/Observation".to_string(),
+                    vec![
+                        ("patient", format!("Patient/{}", k.id)),
+                        ("code", format!("{JLAC10_SYSTEM}|{code}")),
+                        ("_sort", "-date".into()),
+                        ("_count", "10".into()),
+                    ],
+                )
+            })
+            .await?;
         searches.insert("a_observation_patient_code_sort_date".into(), obs);
 
         let s = synth.clone();
-        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
-        let mut ident = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
-            let k = s.key(rng.below(patients));
-            (
-                k.hospital,
-                "/fhir/Patient".to_string(),
-                vec![("identifier", format!("{}|{}", k.mrn_system, k.mrn))],
-            )
-        })
-        .await;
-        let n = ident["requests"].as_f64().unwrap_or(0.0);
-        add_cpu(&mut ident, pid, c0, s0, n);
-        eprintln!("search identifier: {ident}");
+        let ident = phases
+            .measure("search identifier", move |rng| {
+                let k = s.key(rng.below(patients));
+                (
+                    k.hospital,
+                    "/fhir/Patient".to_string(),
+                    vec![("identifier", format!("{}|{}", k.mrn_system, k.mrn))],
+                )
+            })
+            .await?;
         searches.insert("b_patient_identifier".into(), ident);
 
         let s = synth.clone();
-        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
-        let mut cond = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
-            let k = s.key(rng.below(patients));
-            (
-                k.hospital,
-                "/fhir/Condition".to_string(),
-                vec![("patient", format!("Patient/{}", k.id))],
-            )
-        })
-        .await;
-        let n = cond["requests"].as_f64().unwrap_or(0.0);
-        add_cpu(&mut cond, pid, c0, s0, n);
-        eprintln!("search condition: {cond}");
+        let cond = phases
+            .measure("search condition", move |rng| {
+                let k = s.key(rng.below(patients));
+                (
+                    k.hospital,
+                    "/fhir/Condition".to_string(),
+                    vec![("patient", format!("Patient/{}", k.id))],
+                )
+            })
+            .await?;
         searches.insert("c_condition_patient".into(), cond);
 
         let s = synth.clone();
-        let (c0, s0) = (proc_cpu(&pid.to_string()), proc_cpu("self"));
-        let mut name = load(&client, &base, &tokens, a.concurrency, dur, move |rng| {
-            let k = s.key(rng.below(patients));
-            let prefix: String = k.family_kana.chars().take(2).collect();
-            (
-                k.hospital,
-                "/fhir/Patient".to_string(),
-                vec![
-                    ("name", prefix),
-                    ("birthdate", k.birth_date[..7].to_string()),
-                ],
-            )
-        })
-        .await;
-        let n = name["requests"].as_f64().unwrap_or(0.0);
-        add_cpu(&mut name, pid, c0, s0, n);
-        eprintln!("search name+birthdate: {name}");
+        let name = phases
+            .measure("search name+birthdate", move |rng| {
+                let k = s.key(rng.below(patients));
+                let prefix: String = k.family_kana.chars().take(2).collect();
+                (
+                    k.hospital,
+                    "/fhir/Patient".to_string(),
+                    vec![
+                        ("name", prefix),
+                        ("birthdate", k.birth_date[..7].to_string()),
+                    ],
+                )
+            })
+            .await?;
         searches.insert("d_patient_kana_name_birth_month".into(), name);
 
         anyhow::Ok((ingest_tx, read, Value::Object(searches), hwm_after_ingest))
@@ -622,6 +635,7 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
         "resources": a.patients * RESOURCES_PER_PATIENT as u64,
         "hospitals": a.hospitals,
         "concurrency": a.concurrency,
+        "client": format!("{:?}", a.client).to_lowercase(),
         "duration_s": a.duration,
         "ingest_import": ingest_import,
         "ingest_transaction": ingest_tx,
@@ -776,6 +790,225 @@ async fn http_ingest(
 
 type Request = (usize, String, Vec<(&'static str, String)>);
 
+/// What every measured read or search phase shares.
+struct Phases<'a> {
+    client: &'a reqwest::Client,
+    base: &'a str,
+    tokens: &'a Arc<Vec<String>>,
+    concurrency: usize,
+    dur: Duration,
+    server_pid: u32,
+    load_client: LoadClient,
+    work: &'a Path,
+}
+
+impl Phases<'_> {
+    /// Measures one phase of GETs made by `make`, with the CPU both sides spent.
+    async fn measure(
+        &self,
+        label: &str,
+        make: impl Fn(&mut Rng) -> Request + Send + Sync + 'static,
+    ) -> anyhow::Result<Value> {
+        let make = Arc::new(make);
+        let mut v = match self.load_client {
+            LoadClient::Builtin => {
+                let (c0, s0) = (proc_cpu(&self.server_pid.to_string()), proc_cpu("self"));
+                let m = make.clone();
+                let mut v = load(
+                    self.client,
+                    self.base,
+                    self.tokens,
+                    self.concurrency,
+                    self.dur,
+                    move |r| m(r),
+                )
+                .await;
+                let n = v["requests"].as_f64().unwrap_or(0.0);
+                add_cpu(&mut v, self.server_pid, c0, s0, n);
+                v
+            }
+            LoadClient::Wrk => {
+                // wrk does not read the answers: a short run of the built-in client
+                // first tells how many resources the phase's requests return.
+                let m = make.clone();
+                let sample = load(
+                    self.client,
+                    self.base,
+                    self.tokens,
+                    1,
+                    Duration::from_millis(500),
+                    move |r| m(r),
+                )
+                .await;
+                let (c0, s0) = (proc_cpu(&self.server_pid.to_string()), proc_cpu("self"));
+                let mut v = load_wrk(self, &*make)?;
+                let n = v["requests"].as_f64().unwrap_or(0.0);
+                add_cpu(&mut v, self.server_pid, c0, s0, n);
+                v["mean_results_sampled"] = sample["mean_results_sampled"].clone();
+                v
+            }
+        };
+        v["client"] = json!(match self.load_client {
+            LoadClient::Builtin => "builtin",
+            LoadClient::Wrk => "wrk",
+        });
+        eprintln!("{label}: {v}");
+        Ok(v)
+    }
+}
+
+/// Requests written for wrk, which replays them in a loop.
+const WRK_REQUESTS: u64 = 100_000;
+
+/// wrk's script: replays "token index<TAB>target" lines, each thread from its own
+/// offset.
+const WRK_SCRIPT: &str = r#"local counter = 0
+function setup(thread)
+  thread:set("offset", counter * 7919)
+  counter = counter + 1
+end
+local reqs, tokens, i = {}, {}, 0
+function init(args)
+  for line in io.lines(args[1]) do
+    local t, p = line:match("^(%d+)\t(.*)$")
+    reqs[#reqs + 1] = { tonumber(t) + 1, p }
+  end
+  for line in io.lines(args[2]) do tokens[#tokens + 1] = line end
+  i = offset or 0
+end
+function request()
+  i = i + 1
+  local r = reqs[(i % #reqs) + 1]
+  return wrk.format("GET", r[2], { ["Authorization"] = tokens[r[1]], ["Accept"] = "application/fhir+json" })
+end
+"#;
+
+/// Runs wrk (one thread, C connections) over requests made by `make`.
+fn load_wrk(
+    p: &Phases<'_>,
+    make: &(dyn Fn(&mut Rng) -> Request + Send + Sync),
+) -> anyhow::Result<Value> {
+    let requests = p.work.join("wrk-requests.tsv");
+    let mut w = BufWriter::new(File::create(&requests)?);
+    let mut rng = Rng::new(0xBE4C_0000);
+    for _ in 0..WRK_REQUESTS {
+        let (h, path, query) = make(&mut rng);
+        let mut url = reqwest::Url::parse(&format!("{}{path}", p.base))?;
+        if !query.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        match url.query() {
+            Some(q) => writeln!(w, "{h}\t{}?{q}", url.path())?,
+            None => writeln!(w, "{h}\t{}", url.path())?,
+        }
+    }
+    w.flush()?;
+    let tokens = p.work.join("wrk-tokens.txt");
+    std::fs::write(&tokens, p.tokens.join("\n") + "\n")?;
+    let script = p.work.join("wrk.lua");
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let out = Command::new("wrk")
+        .arg("-t1")
+        .arg(format!("-c{}", p.concurrency))
+        .arg(format!("-d{}s", p.dur.as_secs_f64().ceil().max(1.0) as u64))
+        .args(["--timeout", "30s", "--latency", "-s"])
+        .arg(&script)
+        .arg(p.base)
+        .arg("--")
+        .arg(&requests)
+        .arg(&tokens)
+        .output()
+        .context("running wrk (Debian: apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&text).with_context(|| format!("reading wrk's report:\n{text}"))
+}
+
+/// A duration as wrk prints it (`477.00us`, `2.46ms`, `1.02s`, `1.50m`), in ms.
+fn wrk_ms(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        "h" => n * 3_600_000.0,
+        _ => return None,
+    })
+}
+
+/// The figures of wrk's `--latency` report, named as [`summarize`] names them.
+/// Non-2xx answers and socket errors are errors and not counted as requests.
+fn parse_wrk(text: &str) -> anyhow::Result<Value> {
+    let words = |prefix: &str| -> Option<Vec<&str>> {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l.split_whitespace().collect())
+    };
+    let pct = |p: &str| words(p).and_then(|w| w.get(1).and_then(|v| wrk_ms(v)));
+    let latency = words("Latency ").context("no latency line")?;
+    let (mean, max) = (
+        latency
+            .get(1)
+            .and_then(|v| wrk_ms(v))
+            .context("latency mean")?,
+        latency
+            .get(3)
+            .and_then(|v| wrk_ms(v))
+            .context("latency max")?,
+    );
+    let total_line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains(" requests in "))
+        .context("no request count")?;
+    let w: Vec<&str> = total_line.split_whitespace().collect();
+    let total: u64 = w
+        .first()
+        .and_then(|v| v.parse().ok())
+        .context("request count")?;
+    let seconds = w
+        .get(3)
+        .map(|v| v.trim_end_matches(','))
+        .and_then(wrk_ms)
+        .context("run time")?
+        / 1000.0;
+    let non_2xx: u64 = words("Non-2xx or 3xx responses:")
+        .and_then(|w| w.last().and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let socket: u64 = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("Socket errors:"))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let ok = total.saturating_sub(non_2xx);
+    Ok(json!({
+        "requests": ok,
+        "errors": non_2xx + socket,
+        "seconds": round2(seconds),
+        "per_second": round2(ok as f64 / seconds.max(1e-9)),
+        "mean_ms": round2(mean),
+        "p50_ms": round2(pct("50%").context("p50")?),
+        "p90_ms": round2(pct("90%").context("p90")?),
+        "p99_ms": round2(pct("99%").context("p99")?),
+        "max_ms": round2(max),
+    }))
+}
+
 /// C clients issue GETs made by `make` for `dur`; latencies of 200 responses.
 /// Every 50th response is parsed to count how many resources it returned.
 async fn load(
@@ -873,4 +1106,50 @@ async fn load(
         sampled_entries.load(Ordering::Relaxed) as f64 / s as f64
     ));
     v
+}
+
+#[cfg(test)]
+mod wrk_report {
+    use super::{parse_wrk, wrk_ms};
+
+    /// A report wrk 4.1 printed (`--latency`), with the error lines it adds when
+    /// some answers fail.
+    const REPORT: &str = "Running 1s test @ http://127.0.0.1:18555/missing
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   666.78us  428.69us   6.26ms   94.10%
+    Req/Sec     2.92k   204.60     3.08k    81.82%
+  Latency Distribution
+     50%  596.00us
+     75%  757.00us
+     90%    0.94ms
+     99%    2.69ms
+  3184 requests in 1.10s, 1.58MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 184
+Requests/sec:   2897.09
+Transfer/sec:      1.44MB
+";
+
+    #[test]
+    fn failed_answers_are_errors_not_requests() {
+        let v = parse_wrk(REPORT).unwrap();
+        assert_eq!(v["requests"], 3000);
+        assert_eq!(v["errors"], 184 + 3);
+        assert_eq!(v["seconds"], 1.1);
+        assert_eq!(v["per_second"], 2727.27);
+        assert_eq!(v["p50_ms"], 0.6);
+        assert_eq!(v["p90_ms"], 0.94);
+        assert_eq!(v["p99_ms"], 2.69);
+        assert_eq!(v["max_ms"], 6.26);
+        assert_eq!(v["mean_ms"], 0.67);
+    }
+
+    #[test]
+    fn units_and_a_truncated_report() {
+        assert_eq!(wrk_ms("477.00us"), Some(0.477));
+        assert_eq!(wrk_ms("1.50m"), Some(90_000.0));
+        assert_eq!(wrk_ms("12"), None);
+        assert!(parse_wrk(&REPORT[..REPORT.find("  Latency Distribution").unwrap()]).is_err());
+    }
 }
