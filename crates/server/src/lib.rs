@@ -39,9 +39,10 @@ pub use validate::{BasicValidator, Validate};
 /// embedded SQLite file `DATA_DIR/tsunagi.db`. Migrations run here.
 pub fn open_store(config: &ServerConfig) -> FhirResult<Arc<dyn Store>> {
     match &config.database {
-        Some(url) => Ok(Arc::new(tsunagi_store::postgres::PgStore::connect(
+        Some(url) => Ok(Arc::new(tsunagi_store::postgres::PgStore::connect_for(
             url,
             config.pg_pool_size,
+            config.workload,
         )?)),
         None => {
             std::fs::create_dir_all(&config.data_dir).map_err(|e| {

@@ -17,4 +17,4 @@ pub mod sqlite;
 pub use api::*;
 pub use engine::format_instant;
 
-pub use sqlite::{SqliteStore, Workload};
+pub use sqlite::SqliteStore;

@@ -46,32 +46,20 @@ fn configure(c: &Connection) -> FhirResult<()> {
     Ok(())
 }
 
-/// What the embedded database is opened for; it decides when the write-ahead log
-/// is copied into the database file (checkpoint).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Workload {
-    /// A server: the log is checkpointed past 16 MiB, so each copy is short (it
-    /// runs in the committing thread, and the writes queued behind it wait).
-    #[default]
-    Online,
-    /// An operator's bulk file load: the log grows to 1 GiB before it is copied,
-    /// and what is left is copied when the store is dropped. A page that many
-    /// batches touch (the upper levels of every index, the tails of the version
-    /// and audit tables) is then written to the database once per gigabyte of log
-    /// instead of once per batch, and the loader waits on far fewer checkpoint
-    /// syncs (measured on a 1,000,000-row recipient import: 7,581 → 9,603 rows/s
-    /// with the same CPU time; docs/BENCHMARKS.md). Never for a server: that long
-    /// copy would stall its writes.
-    BulkLoad,
-}
-
-impl Workload {
-    /// `PRAGMA wal_autocheckpoint` of the writer connections, in 4 KiB pages.
-    fn checkpoint_pages(self) -> u32 {
-        match self {
-            Workload::Online => 4_000,
-            Workload::BulkLoad => 262_144,
-        }
+/// `PRAGMA wal_autocheckpoint` of the writer connections for a workload, in 4 KiB
+/// pages. A server checkpoints past 16 MiB, so each copy is short (it runs in the
+/// committing thread, and the writes queued behind it wait). A bulk load lets the
+/// log grow to 1 GiB, and copies what is left when the store is dropped: a page
+/// that many batches touch (the upper levels of every index, the tails of the
+/// version and audit tables) is then written to the database once per gigabyte of
+/// log instead of once per batch, and the loader waits on far fewer checkpoint
+/// syncs (measured on a 1,000,000-row recipient import: 7,581 → 9,603 rows/s with
+/// the same CPU time; docs/BENCHMARKS.md). Never for a server: that long copy
+/// would stall its writes.
+fn checkpoint_pages(workload: Workload) -> u32 {
+    match workload {
+        Workload::Online => 4_000,
+        Workload::BulkLoad => 262_144,
     }
 }
 
@@ -125,7 +113,7 @@ impl SqliteStore {
 
     /// [`SqliteStore::open`] tuned for `workload`.
     pub fn open_for(path: &Path, workload: Workload) -> FhirResult<SqliteStore> {
-        let checkpoint = workload.checkpoint_pages();
+        let checkpoint = checkpoint_pages(workload);
         let writer = Connection::open(path).map_err(db_err)?;
         writer
             .execute_batch(&format!(

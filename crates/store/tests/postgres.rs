@@ -103,3 +103,53 @@ fn a_version_1_database_is_migrated_and_reindexed() {
     let t = TempSchema { store, schema };
     tsunagi_store::conformance::check_migrated_from_version1(&t.store);
 }
+
+#[test]
+fn a_bulk_load_leaves_fresh_planner_statistics() {
+    let Some(url) = url() else { return };
+    let schema = fresh_schema();
+    let analyzed = |table: &str| -> bool {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one(
+            "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = $2",
+            &[&schema, &table],
+        )
+        .unwrap()
+        .get(0)
+    };
+    // a server's writes, and a small load, leave the statistics to autovacuum: an
+    // ANALYZE of near-empty tables misplans the next large load
+    for (workload, resources, expect) in [
+        (tsunagi_store::Workload::Online, 10_000_usize, false),
+        (tsunagi_store::Workload::BulkLoad, 20, false),
+        (tsunagi_store::Workload::BulkLoad, 10_000, true),
+    ] {
+        let store = PgStore::connect_in_schema(&url, &schema, 2)
+            .expect("connect")
+            .for_workload(workload);
+        for batch in 0..resources.div_ceil(1000) {
+            let mut tx = store.begin().unwrap();
+            for i in 0..resources.min(1000) {
+                let body = serde_json::json!({"resourceType": "Basic", "code": {"text": "x"}});
+                let id = format!("b{workload:?}-{resources}-{batch}-{i}");
+                tx.create("Basic", &id, body, &Default::default()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        drop(store);
+        // the statistics system publishes what ANALYZE did within moments
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while expect && !analyzed("ix_token") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(analyzed("ix_token"), expect, "{workload:?} {resources}");
+        assert_eq!(
+            analyzed("resource_current"),
+            expect,
+            "{workload:?} {resources}"
+        );
+    }
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .unwrap();
+}
