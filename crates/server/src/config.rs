@@ -26,9 +26,9 @@ pub struct ServerConfig {
     pub pg_pool_size: u32,
     /// Time allowed for in-flight requests to finish on shutdown, in seconds.
     pub shutdown_grace_secs: u64,
-    /// What the embedded database is opened for: `Online` for a server, `BulkLoad`
-    /// only for an operator's file import (see [`tsunagi_store::Workload`]). Set by
-    /// the command, never by a configuration file.
+    /// What the store is opened for: `Online` for a server, `BulkLoad` only for an
+    /// operator's file import (see [`tsunagi_store::Workload`]). Set by the command,
+    /// never by a configuration file.
     #[serde(skip)]
     pub workload: tsunagi_store::Workload,
 }
