@@ -83,6 +83,16 @@ pub enum LoadClient {
     Wrk,
 }
 
+impl LoadClient {
+    /// The name in the JSON result, as on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            LoadClient::Builtin => "builtin",
+            LoadClient::Wrk => "wrk",
+        }
+    }
+}
+
 /// Latency summary in milliseconds.
 fn summarize(mut lat_us: Vec<u64>, errors: u64, seconds: f64) -> Value {
     lat_us.sort_unstable();
@@ -635,7 +645,7 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
         "resources": a.patients * RESOURCES_PER_PATIENT as u64,
         "hospitals": a.hospitals,
         "concurrency": a.concurrency,
-        "client": format!("{:?}", a.client).to_lowercase(),
+        "client": a.client.name(),
         "duration_s": a.duration,
         "ingest_import": ingest_import,
         "ingest_transaction": ingest_tx,
@@ -790,6 +800,20 @@ async fn http_ingest(
 
 type Request = (usize, String, Vec<(&'static str, String)>);
 
+/// The URL of a request: base, path and the encoded query.
+fn request_url(
+    base: &str,
+    path: &str,
+    query: &[(&'static str, String)],
+) -> anyhow::Result<reqwest::Url> {
+    let mut url = reqwest::Url::parse(&format!("{base}{path}"))?;
+    if !query.is_empty() {
+        url.query_pairs_mut()
+            .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+    }
+    Ok(url)
+}
+
 /// What every measured read or search phase shares.
 struct Phases<'a> {
     client: &'a reqwest::Client,
@@ -810,48 +834,31 @@ impl Phases<'_> {
         make: impl Fn(&mut Rng) -> Request + Send + Sync + 'static,
     ) -> anyhow::Result<Value> {
         let make = Arc::new(make);
-        let mut v = match self.load_client {
-            LoadClient::Builtin => {
-                let (c0, s0) = (proc_cpu(&self.server_pid.to_string()), proc_cpu("self"));
-                let m = make.clone();
-                let mut v = load(
-                    self.client,
-                    self.base,
-                    self.tokens,
-                    self.concurrency,
-                    self.dur,
-                    move |r| m(r),
-                )
-                .await;
-                let n = v["requests"].as_f64().unwrap_or(0.0);
-                add_cpu(&mut v, self.server_pid, c0, s0, n);
-                v
-            }
+        // wrk does not read the answers: a short run of the built-in client first
+        // tells how many resources the phase's requests return.
+        let sample = match self.load_client {
+            LoadClient::Builtin => None,
             LoadClient::Wrk => {
-                // wrk does not read the answers: a short run of the built-in client
-                // first tells how many resources the phase's requests return.
                 let m = make.clone();
-                let sample = load(
-                    self.client,
-                    self.base,
-                    self.tokens,
-                    1,
-                    Duration::from_millis(500),
-                    move |r| m(r),
-                )
-                .await;
-                let (c0, s0) = (proc_cpu(&self.server_pid.to_string()), proc_cpu("self"));
-                let mut v = load_wrk(self, &*make)?;
-                let n = v["requests"].as_f64().unwrap_or(0.0);
-                add_cpu(&mut v, self.server_pid, c0, s0, n);
-                v["mean_results_sampled"] = sample["mean_results_sampled"].clone();
-                v
+                let dur = Duration::from_millis(500);
+                Some(load(self.client, self.base, self.tokens, 1, dur, move |r| m(r)).await)
             }
         };
-        v["client"] = json!(match self.load_client {
-            LoadClient::Builtin => "builtin",
-            LoadClient::Wrk => "wrk",
-        });
+        let (c0, s0) = (proc_cpu(&self.server_pid.to_string()), proc_cpu("self"));
+        let mut v = match self.load_client {
+            LoadClient::Builtin => {
+                let m = make.clone();
+                let (c, d) = (self.concurrency, self.dur);
+                load(self.client, self.base, self.tokens, c, d, move |r| m(r)).await
+            }
+            LoadClient::Wrk => load_wrk(self, &*make)?,
+        };
+        let n = v["requests"].as_f64().unwrap_or(0.0);
+        add_cpu(&mut v, self.server_pid, c0, s0, n);
+        if let Some(sample) = sample {
+            v["mean_results_sampled"] = sample["mean_results_sampled"].clone();
+        }
+        v["client"] = json!(self.load_client.name());
         eprintln!("{label}: {v}");
         Ok(v)
     }
@@ -893,11 +900,7 @@ fn load_wrk(
     let mut rng = Rng::new(0xBE4C_0000);
     for _ in 0..WRK_REQUESTS {
         let (h, path, query) = make(&mut rng);
-        let mut url = reqwest::Url::parse(&format!("{}{path}", p.base))?;
-        if !query.is_empty() {
-            url.query_pairs_mut()
-                .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
-        }
+        let url = request_url(p.base, &path, &query)?;
         match url.query() {
             Some(q) => writeln!(w, "{h}\t{}?{q}", url.path())?,
             None => writeln!(w, "{h}\t{}", url.path())?,
@@ -1044,11 +1047,7 @@ async fn load(
                 i += 1;
                 let (h, path, query) = make(&mut rng);
                 let t0 = Instant::now();
-                let mut url = reqwest::Url::parse(&format!("{base}{path}")).expect("valid URL");
-                if !query.is_empty() {
-                    url.query_pairs_mut()
-                        .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
-                }
+                let url = request_url(&base, &path, &query).expect("valid URL");
                 let r = client
                     .get(url)
                     .header("authorization", &tokens[h])
@@ -1101,10 +1100,13 @@ async fn load(
     }
     let secs = started.elapsed().as_secs_f64();
     let mut v = summarize(lat, errors.load(Ordering::Relaxed), secs);
-    let s = sampled.load(Ordering::Relaxed).max(1);
-    v["mean_results_sampled"] = json!(round2(
-        sampled_entries.load(Ordering::Relaxed) as f64 / s as f64
-    ));
+    // null when no client reached its 50th answer: "0 results" would be a claim
+    v["mean_results_sampled"] = match sampled.load(Ordering::Relaxed) {
+        0 => Value::Null,
+        s => json!(round2(
+            sampled_entries.load(Ordering::Relaxed) as f64 / s as f64
+        )),
+    };
     v
 }
 
