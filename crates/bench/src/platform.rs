@@ -277,11 +277,18 @@ fn pg_database_size(url: &str) -> anyhow::Result<u64> {
 }
 
 fn sqlite_size(dir: &Path) -> u64 {
-    ["tsunagi.db", "tsunagi.db-wal", "tsunagi.db-shm"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-        .map(|m| m.len())
-        .sum()
+    [
+        "tsunagi.db",
+        "tsunagi.db-wal",
+        "tsunagi.db-shm",
+        "tsunagi.audit.db",
+        "tsunagi.audit.db-wal",
+        "tsunagi.audit.db-shm",
+    ]
+    .iter()
+    .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+    .map(|m| m.len())
+    .sum()
 }
 
 pub fn run(args: PlatformArgs) -> anyhow::Result<()> {

@@ -58,6 +58,10 @@ pub trait Harness {
     fn store(&self) -> &dyn Store;
     /// Executes raw SQL (test hook; tampering with the audit log).
     fn raw_execute(&self, sql: &str) -> FhirResult<()>;
+    /// The table `raw_execute` names to reach the records of `Store::audit_append`.
+    fn standalone_audit_table(&self) -> &'static str {
+        "audit_log"
+    }
 }
 
 /// Expands to one `#[test]` per conformance case. `$make` is a path to
@@ -1572,14 +1576,49 @@ pub fn audit_chain_verifies(h: &dyn Harness) {
     tx.commit().unwrap();
     assert_eq!((b[0].seq, b[0].prev_hash.as_str()), (3, a[1].hash.as_str()));
     assert!(s.audit_append(&[]).unwrap().is_empty());
+    // a rolled-back transaction's records leave no gap and no fork
+    let mut tx = s.begin().unwrap();
+    tx.audit_append(&[json!({"action": "create", "patient": "p2"})])
+        .unwrap();
+    drop(tx);
+    // stand-alone records and records written with data share one chain
+    let c = s
+        .audit_append(&[json!({"action": "search", "patient": "p1"})])
+        .unwrap();
+    assert_eq!((c[0].seq, c[0].prev_hash.as_str()), (4, b[0].hash.as_str()));
+    let mut tx = s.begin().unwrap();
+    let d = tx
+        .audit_append(&[json!({"action": "update", "patient": "p1"})])
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!((d[0].seq, d[0].prev_hash.as_str()), (5, c[0].hash.as_str()));
     let scanned = s.audit_scan(0, 100).unwrap();
-    assert_eq!(scanned.len(), 3);
+    assert_eq!(scanned.len(), 5);
     assert_eq!(scanned[..2], a[..]);
+    assert_eq!(scanned[2..], [b[0].clone(), c[0].clone(), d[0].clone()]);
     assert_eq!(s.audit_scan(1, 1).unwrap()[0].seq, 2);
+    assert_eq!(
+        s.audit_scan(2, 2)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    let p1 = s
+        .audit_query(&AuditFilter {
+            patient: Some("p1".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        p1.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![5, 4, 3, 1]
+    );
     let report = audit::verify_chain(audit::scan_all(s));
     assert!(report.ok(), "{report:?}");
-    assert_eq!(report.checked, 3);
-    assert_eq!(report.head, Some((3, b[0].hash.clone())));
+    assert_eq!(report.checked, 5);
+    assert_eq!(report.head, Some((5, d[0].hash.clone())));
 }
 
 pub fn audit_query_filters(h: &dyn Harness) {
@@ -1652,14 +1691,17 @@ pub fn audit_tamper_detection(h: &dyn Harness) {
     let head = (10, entries[9].hash.clone());
     assert!(audit::verify_chain(audit::scan_all(s)).ok());
 
-    h.raw_execute("UPDATE audit_log SET record = '{\"n\":3,\"patient\":\"p2\"}' WHERE seq = 3")
+    let t = h.standalone_audit_table();
+    h.raw_execute(&format!(
+        "UPDATE {t} SET record = '{{\"n\":3,\"patient\":\"p2\"}}' WHERE seq = 3"
+    ))
+    .unwrap();
+    h.raw_execute(&format!("DELETE FROM {t} WHERE seq = 5"))
         .unwrap();
-    h.raw_execute("DELETE FROM audit_log WHERE seq = 5")
-        .unwrap();
-    h.raw_execute(
-        "UPDATE audit_log SET seq = -7 WHERE seq = 7; UPDATE audit_log SET seq = 7 WHERE seq = 8; \
-         UPDATE audit_log SET seq = 8 WHERE seq = -7;",
-    )
+    h.raw_execute(&format!(
+        "UPDATE {t} SET seq = -7 WHERE seq = 7; UPDATE {t} SET seq = 7 WHERE seq = 8; \
+         UPDATE {t} SET seq = 8 WHERE seq = -7;"
+    ))
     .unwrap();
     let r = audit::verify_chain(audit::scan_all(s));
     assert_eq!(
@@ -1684,7 +1726,7 @@ pub fn audit_tamper_detection(h: &dyn Harness) {
         ]
     );
     // truncating the tail is only visible against an externally kept head
-    h.raw_execute("DELETE FROM audit_log WHERE seq >= 9")
+    h.raw_execute(&format!("DELETE FROM {t} WHERE seq >= 9"))
         .unwrap();
     let r = audit::verify_chain_against(audit::scan_all(s), Some((head.0, &head.1)));
     assert_eq!(

@@ -834,7 +834,7 @@ impl Store for PgStore {
     }
 
     fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>> {
-        let q = sql::audit_query(Dialect::Postgres, filter);
+        let q = sql::audit_query(Dialect::Postgres, &["audit_log"], filter);
         self.with_conn(|o| o.audit_rows(&q))
     }
 

@@ -133,6 +133,32 @@ CREATE INDEX ix_uri_value ON ix_uri (k, value);
 "#,
 ];
 
+/// Migrations of the SQLite backend's audit file (`sqlite::audit_file`), attached
+/// to every connection as `audit`; the version is the index + 1, kept in the
+/// file's `user_version`. The file holds the stand-alone audit records
+/// (`Store::audit_append`: reads, searches, denials), so that their commits never
+/// touch the data file its readers cache. Its `seq` is the rowid: one b-tree
+/// insertion per record fewer than the data file's `audit_log`.
+pub const SQLITE_AUDIT_FILE: &[&str] = &[r#"
+CREATE TABLE audit.audit_log (
+    seq INTEGER PRIMARY KEY,
+    recorded INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    patient TEXT,
+    org TEXT,
+    usr TEXT,
+    purpose TEXT
+);
+CREATE INDEX audit.audit_log_patient ON audit_log (patient, seq);
+CREATE INDEX audit.audit_log_org ON audit_log (org, seq);
+CREATE INDEX audit.audit_log_usr ON audit_log (usr, seq);
+CREATE INDEX audit.audit_log_recorded ON audit_log (recorded);
+CREATE TABLE audit.audit_head (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL);
+INSERT INTO audit.audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+"#];
+
 /// Migrations after which the index tables are rebuilt from the current
 /// resources, in the same transaction: their shape or their keys changed.
 pub const REINDEX_AFTER: &[i64] = &[2];

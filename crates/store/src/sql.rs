@@ -176,9 +176,11 @@ pub struct Statements {
     pub insert_current: String,
     pub update_current: String,
     pub insert_version: String,
+    /// The chain's head (PostgreSQL; the SQLite backend's head spans two files).
     pub audit_head: String,
     pub audit_insert: String,
     pub audit_set_head: String,
+    /// Records after a seq (PostgreSQL; see `audit_head`).
     pub audit_scan: String,
     pub put_client_key: String,
     pub client_keys: String,
@@ -1191,28 +1193,36 @@ pub fn history(d: Dialect, q: &HistoryQuery) -> Built {
 /// Page size used when an audit query asks for `limit == 0`.
 pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 
-/// Audit entries matching the filter, newest first.
-pub fn audit_query(d: Dialect, f: &AuditFilter) -> Built {
+/// Audit entries matching the filter, newest first, from `tables` (the SQLite
+/// backend keeps its audit records in two files).
+pub fn audit_query(d: Dialect, tables: &[&str], f: &AuditFilter) -> Built {
     let mut b = B::new(d);
-    b.s("SELECT seq, recorded, record, prev_hash, hash FROM audit_log WHERE 1 = 1");
-    for (col, v) in [
-        ("patient", &f.patient),
-        ("org", &f.org),
-        ("usr", &f.user),
-        ("purpose", &f.purpose),
-    ] {
-        if let Some(v) = v {
-            b.s(" AND ").s(col).s(" = ").text(v);
+    for (i, table) in tables.iter().enumerate() {
+        if i > 0 {
+            b.s(" UNION ALL ");
         }
-    }
-    if let Some(s) = &f.since {
-        b.s(" AND recorded >= ").int(s.timestamp_millis());
-    }
-    if let Some(u) = &f.until {
-        b.s(" AND recorded <= ").int(u.timestamp_millis());
-    }
-    if let Some(a) = f.after_seq {
-        b.s(" AND seq > ").int(a);
+        b.s("SELECT seq, recorded, record, prev_hash, hash FROM ")
+            .s(table)
+            .s(" WHERE 1 = 1");
+        for (col, v) in [
+            ("patient", &f.patient),
+            ("org", &f.org),
+            ("usr", &f.user),
+            ("purpose", &f.purpose),
+        ] {
+            if let Some(v) = v {
+                b.s(" AND ").s(col).s(" = ").text(v);
+            }
+        }
+        if let Some(s) = &f.since {
+            b.s(" AND recorded >= ").int(s.timestamp_millis());
+        }
+        if let Some(u) = &f.until {
+            b.s(" AND recorded <= ").int(u.timestamp_millis());
+        }
+        if let Some(a) = f.after_seq {
+            b.s(" AND seq > ").int(a);
+        }
     }
     let limit = if f.limit == 0 {
         DEFAULT_AUDIT_LIMIT

@@ -4,6 +4,17 @@
 //! one writer at a time anyway; queuing in-process avoids busy retries), and a
 //! small pool of reader connections serves reads and searches concurrently
 //! thanks to WAL mode.
+//!
+//! Two files: the data file, and beside it the audit file ([`audit_file`]),
+//! attached to every connection as `audit`. Audit records written with data
+//! (`Transaction::audit_append`) stay in the data file, in the data's
+//! transaction; stand-alone records (`Store::audit_append`: reads, searches,
+//! denials) go to the audit file. One hash chain runs through both: its head is
+//! the larger of the two files' heads, read and moved under the writer's mutex
+//! (and SQLite's write locks on both files, which `BEGIN IMMEDIATE` takes). Why:
+//! any commit to a file makes every reader connection of that file drop its page
+//! cache, and each read commits its audit record; in their own file, those
+//! commits leave the readers' caches of the data warm (docs/DECISIONS.md).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -26,6 +37,12 @@ const STATEMENT_CACHE: usize = 256;
 /// Reader connections at most; further readers wait for one to be returned
 /// (reads are CPU-bound, so more connections than this only add memory).
 const MAX_READERS: usize = 16;
+/// Page cache of each reader connection, in KiB. Since the readers' caches are
+/// no longer emptied by every read's audit commit (see [`audit_file`]), they fill:
+/// at 32 MiB each, 16 readers took the server to 640 MiB under the platform
+/// benchmark. This holds the upper B-tree levels the point reads and searches walk;
+/// the leaves come from the OS cache.
+const READER_CACHE_KIB: u32 = 8_192;
 /// How long a connection waits for a lock held by another process before failing.
 const BUSY_TIMEOUT_MS: u32 = 10_000;
 
@@ -63,13 +80,99 @@ fn checkpoint_pages(workload: Workload) -> u32 {
     }
 }
 
+/// Schema name of the attached audit file on every connection.
+const AUDIT_SCHEMA: &str = "audit";
+
+/// The table of stand-alone audit records, as the store's connections name it
+/// (test hook for tampering).
+pub const STANDALONE_AUDIT_TABLE: &str = "audit.audit_log";
+
+/// The audit file of the database at `path`: `tsunagi.db` → `tsunagi.audit.db`.
+/// Both files belong to the store: a backup or a move takes both (and their
+/// `-wal` files).
+pub fn audit_file(path: &Path) -> PathBuf {
+    path.with_extension("audit.db")
+}
+
+/// The chain's head: the later of the two files' heads.
+const AUDIT_HEAD: &str = "SELECT seq, hash FROM main.audit_head WHERE id = 1 \
+     UNION ALL SELECT seq, hash FROM audit.audit_head WHERE id = 1 ORDER BY seq DESC LIMIT 1";
+const AUDIT_FILE_INSERT: &str = "INSERT INTO audit.audit_log (seq, recorded, record, prev_hash, hash, patient, org, usr, purpose) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const AUDIT_FILE_SET_HEAD: &str = "UPDATE audit.audit_head SET seq = ?1, hash = ?2 WHERE id = 1";
+/// Records after a seq from both files, in chain order.
+const AUDIT_SCAN: &str = "SELECT seq, recorded, record, prev_hash, hash FROM main.audit_log WHERE seq > ?1 \
+     UNION ALL SELECT seq, recorded, record, prev_hash, hash FROM audit.audit_log WHERE seq > ?1 \
+     ORDER BY seq LIMIT ?2";
+/// The tables an audit query reads.
+const AUDIT_TABLES: &[&str] = &["main.audit_log", "audit.audit_log"];
+
+/// Which file a transaction's audit records go to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AuditTo {
+    /// The data file, atomically with the transaction's data.
+    Data,
+    /// The audit file (stand-alone records).
+    AuditFile,
+}
+
+/// Attaches the audit file as `audit` with the data file's durability.
+fn attach_audit(c: &Connection, file: &Path) -> FhirResult<()> {
+    let name = file
+        .to_str()
+        .ok_or_else(|| FhirError::internal("the audit file's path is not UTF-8"))?;
+    c.execute(&format!("ATTACH DATABASE ?1 AS {AUDIT_SCHEMA}"), [name])
+        .map_err(db_err)?;
+    c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.synchronous = FULL;"))
+        .map_err(db_err)
+}
+
+/// Creates or upgrades the attached audit file's schema (its `user_version`).
+fn migrate_audit_file(c: &Connection) -> FhirResult<()> {
+    c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.journal_mode = WAL;"))
+        .map_err(db_err)?;
+    c.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = (|| {
+        let current: i64 = c
+            .query_row(&format!("PRAGMA {AUDIT_SCHEMA}.user_version"), [], |r| {
+                r.get(0)
+            })
+            .map_err(db_err)?;
+        let known = schema::SQLITE_AUDIT_FILE.len() as i64;
+        if current > known {
+            return Err(FhirError::internal(format!(
+                "the audit file has schema version {current}; this build knows up to {known}"
+            )));
+        }
+        for (i, ddl) in schema::SQLITE_AUDIT_FILE.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= current {
+                continue;
+            }
+            c.execute_batch(ddl).map_err(db_err)?;
+            c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.user_version = {version}"))
+                .map_err(db_err)?;
+            tracing::info!(version, "sqlite audit file migration applied");
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => c.execute_batch("COMMIT").map_err(db_err),
+        Err(e) => {
+            let _ = c.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 /// The embedded store.
 pub struct SqliteStore {
     path: PathBuf,
+    audit_path: PathBuf,
     workload: Workload,
     writer: Mutex<Connection>,
-    /// Commits stand-alone audit batches (reads and searches); used only while
-    /// holding `writer`. See [`SqliteStore::open`].
+    /// Commits stand-alone audit batches (reads and searches) to the audit file;
+    /// used only while holding `writer`. See [`SqliteStore::open`].
     audit_writer: Mutex<Connection>,
     readers: Mutex<ReaderPool>,
     reader_free: Condvar,
@@ -124,6 +227,9 @@ impl SqliteStore {
             .map_err(db_err)?;
         // room for every static statement plus the recent search shapes
         configure(&writer)?;
+        let audit_path = audit_file(path);
+        attach_audit(&writer, &audit_path)?;
+        migrate_audit_file(&writer)?;
         let st = Statements::new(Dialect::Sqlite);
         migrate(&writer, &st)?;
         // Every COMMIT walks the committing connection's page-cache hash table
@@ -141,8 +247,11 @@ impl SqliteStore {
             ))
             .map_err(db_err)?;
         configure(&audit_writer)?;
+        attach_audit(&audit_writer, &audit_path)?;
+
         let store = SqliteStore {
             path: path.to_path_buf(),
+            audit_path,
             workload,
             writer: Mutex::new(writer),
             audit_writer: Mutex::new(audit_writer),
@@ -166,10 +275,11 @@ impl SqliteStore {
         let c = Connection::open_with_flags(&self.path, flags).map_err(db_err)?;
         c.execute_batch(&format!(
             "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA query_only = ON; PRAGMA temp_store = MEMORY; \
-             PRAGMA cache_size = -32768;"
+             PRAGMA cache_size = -{READER_CACHE_KIB};"
         ))
         .map_err(db_err)?;
         configure(&c)?;
+        attach_audit(&c, &self.audit_path)?;
         Ok(c)
     }
 
@@ -227,11 +337,14 @@ impl SqliteStore {
         let Some(conn) = r.conn.as_ref() else {
             return Err(FhirError::internal("reader unavailable"));
         };
-        f(&mut SqliteOps { conn, st: &self.st })
+        f(&mut SqliteOps {
+            conn,
+            st: &self.st,
+            audit_to: AuditTo::Data,
+        })
     }
 }
 
-/// Reader connections: idle ones and how many exist in all.
 impl Drop for SqliteStore {
     /// A bulk load leaves up to 1 GiB of log behind; copy it now, in the loading
     /// process, rather than in the next commit of a server sharing the file.
@@ -248,6 +361,7 @@ impl Drop for SqliteStore {
     }
 }
 
+/// Reader connections: idle ones and how many exist in all.
 struct ReaderPool {
     idle: Vec<Connection>,
     open: usize,
@@ -297,7 +411,11 @@ fn migrate(conn: &Connection, st: &Statements) -> FhirResult<()> {
             reindex |= schema::REINDEX_AFTER.contains(&version);
         }
         if reindex {
-            let n = engine::reindex_all(&mut SqliteOps { conn, st })?;
+            let n = engine::reindex_all(&mut SqliteOps {
+                conn,
+                st,
+                audit_to: AuditTo::Data,
+            })?;
             tracing::info!(resources = n, "search index rebuilt");
         }
         Ok(())
@@ -315,6 +433,7 @@ fn migrate(conn: &Connection, st: &Statements) -> FhirResult<()> {
 struct SqliteOps<'c> {
     conn: &'c Connection,
     st: &'c Statements,
+    audit_to: AuditTo,
 }
 
 /// rid, rt, id, version, last_updated, deleted, body, author_org.
@@ -613,19 +732,17 @@ impl TxOps for SqliteOps<'_> {
     }
 
     fn audit_head(&mut self) -> FhirResult<(i64, String)> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&self.st.audit_head)
-            .map_err(db_err)?;
+        let mut stmt = self.conn.prepare_cached(AUDIT_HEAD).map_err(db_err)?;
         stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(db_err)
     }
 
     fn audit_insert(&mut self, e: &AuditEntry, record: &str, c: &AuditColumns) -> FhirResult<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&self.st.audit_insert)
-            .map_err(db_err)?;
+        let sql = match self.audit_to {
+            AuditTo::Data => &self.st.audit_insert,
+            AuditTo::AuditFile => AUDIT_FILE_INSERT,
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(db_err)?;
         stmt.execute(params![
             e.seq,
             e.recorded.timestamp_millis(),
@@ -642,10 +759,11 @@ impl TxOps for SqliteOps<'_> {
     }
 
     fn audit_set_head(&mut self, seq: i64, hash: &str) -> FhirResult<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&self.st.audit_set_head)
-            .map_err(db_err)?;
+        let sql = match self.audit_to {
+            AuditTo::Data => &self.st.audit_set_head,
+            AuditTo::AuditFile => AUDIT_FILE_SET_HEAD,
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(db_err)?;
         stmt.execute(params![seq, hash]).map_err(db_err)?;
         Ok(())
     }
@@ -656,6 +774,7 @@ impl TxOps for SqliteOps<'_> {
 pub struct SqliteTransaction<'a> {
     conn: MutexGuard<'a, Connection>,
     st: &'a Statements,
+    audit_to: AuditTo,
     done: bool,
 }
 
@@ -664,6 +783,7 @@ impl SqliteTransaction<'_> {
         SqliteOps {
             conn: &self.conn,
             st: self.st,
+            audit_to: self.audit_to,
         }
     }
 }
@@ -787,6 +907,7 @@ impl Store for SqliteStore {
         Ok(Box::new(SqliteTransaction {
             conn,
             st: &self.st,
+            audit_to: AuditTo::Data,
             done: false,
         }))
     }
@@ -872,6 +993,7 @@ impl Store for SqliteStore {
         let mut tx = Box::new(SqliteTransaction {
             conn,
             st: &self.st,
+            audit_to: AuditTo::AuditFile,
             done: false,
         });
         let out = tx.audit_append(records)?;
@@ -881,7 +1003,7 @@ impl Store for SqliteStore {
 
     fn audit_scan(&self, after_seq: i64, limit: usize) -> FhirResult<Vec<AuditEntry>> {
         let q = Built {
-            sql: self.st.audit_scan.clone(),
+            sql: AUDIT_SCAN.to_string(),
             params: vec![
                 SqlValue::Int(after_seq),
                 SqlValue::Int(i64::try_from(limit).unwrap_or(i64::MAX)),
@@ -891,7 +1013,7 @@ impl Store for SqliteStore {
     }
 
     fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>> {
-        let q = sql::audit_query(Dialect::Sqlite, filter);
+        let q = sql::audit_query(Dialect::Sqlite, AUDIT_TABLES, filter);
         self.with_reader(|o| audit_rows(o.conn, &q))
     }
 
@@ -964,19 +1086,23 @@ impl Store for SqliteStore {
     }
 
     fn size_bytes(&self) -> FhirResult<u64> {
-        let db: i64 = self.with_reader(|o| {
+        // both files' pages as SQLite counts them, plus their logs
+        let pages: i64 = self.with_reader(|o| {
             o.conn
                 .query_row(
-                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                    "SELECT (SELECT page_count * page_size FROM pragma_page_count('main'), pragma_page_size('main')) \
+                     + (SELECT page_count * page_size FROM pragma_page_count('audit'), pragma_page_size('audit'))",
                     [],
                     |r| r.get(0),
                 )
                 .map_err(db_err)
         })?;
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        let wal = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        Ok(db.max(0) as u64 + wal)
+        let wal = |p: &Path| {
+            let mut w = p.to_path_buf().into_os_string();
+            w.push("-wal");
+            std::fs::metadata(&w).map(|m| m.len()).unwrap_or(0)
+        };
+        Ok(pages.max(0) as u64 + wal(&self.path) + wal(&self.audit_path))
     }
 }
 
@@ -986,5 +1112,8 @@ impl crate::conformance::Harness for SqliteStore {
     }
     fn raw_execute(&self, sql: &str) -> FhirResult<()> {
         SqliteStore::raw_execute(self, sql)
+    }
+    fn standalone_audit_table(&self) -> &'static str {
+        STANDALONE_AUDIT_TABLE
     }
 }

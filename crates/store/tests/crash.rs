@@ -4,7 +4,9 @@
 //! variable) that commits transactions of several resources in a loop and
 //! prints each transaction's number after `commit` returns. The parent kills
 //! it with SIGKILL mid-stream, reopens the database and checks that every
-//! acknowledged transaction is fully there and none is there in part.
+//! acknowledged transaction is fully there and none is there in part. After each
+//! transaction the child also appends a stand-alone audit record (as a read does),
+//! which goes to the audit file: the chain through both files must survive too.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -38,6 +40,9 @@ fn child(path: &str) -> ! {
         }
         tx.audit_append(&[json!({"tx": n})]).expect("audit");
         tx.commit().expect("commit");
+        store
+            .audit_append(&[json!({"read": n})])
+            .expect("stand-alone audit");
         // acknowledged: only now may the parent count on it
         writeln!(out, "COMMITTED {n}").expect("stdout");
         out.flush().expect("flush");
@@ -137,7 +142,9 @@ fn kill9_keeps_every_acknowledged_transaction() {
     let report = audit::verify_chain(audit::scan_all(&store));
     assert!(report.ok(), "{report:?}");
     assert!(
-        report.checked as usize > last,
-        "every acknowledged transaction's audit entry is there"
+        report.checked as usize >= 2 * (last + 1),
+        "every acknowledged transaction's and read's audit entry is there ({} for {} acknowledged)",
+        report.checked,
+        last + 1
     );
 }

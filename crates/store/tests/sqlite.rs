@@ -17,6 +17,9 @@ impl Harness for TempSqlite {
     fn raw_execute(&self, sql: &str) -> tsunagi_fhir::FhirResult<()> {
         self.store.raw_execute(sql)
     }
+    fn standalone_audit_table(&self) -> &'static str {
+        tsunagi_store::sqlite::STANDALONE_AUDIT_TABLE
+    }
 }
 
 fn make() -> Option<Box<dyn Harness>> {
@@ -102,4 +105,108 @@ fn a_bulk_load_copies_its_log_into_the_file_of_a_running_server_when_it_ends() {
     let (held, on_file) = held_and_on_file(&path);
     assert_eq!(on_file, held, "the loader copied its log when it ended");
     assert_eq!(server.read("Basic", "b3-49").unwrap().unwrap().version, 1);
+}
+
+/// The data file's change counter as another connection sees it: it moves with
+/// every commit to that file, and every reader connection of the file empties
+/// its page cache when it has moved.
+fn data_version(c: &rusqlite::Connection) -> i64 {
+    c.query_row("PRAGMA data_version", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn stand_alone_audit_records_leave_the_data_file_alone() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tsunagi.db");
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        tsunagi_store::sqlite::audit_file(&path),
+        dir.path().join("tsunagi.audit.db")
+    );
+    assert!(dir.path().join("tsunagi.audit.db").exists());
+    let watcher = rusqlite::Connection::open(&path).unwrap();
+    let v0 = data_version(&watcher);
+    let size0 = s.size_bytes().unwrap();
+    for i in 0..300 {
+        s.audit_append(&[json!({"action": "read", "patient": format!("p{i}")})])
+            .unwrap();
+    }
+    assert!(
+        s.size_bytes().unwrap() > size0,
+        "the store's size counts the audit file"
+    );
+    assert_eq!(
+        data_version(&watcher),
+        v0,
+        "a read's audit commit touched the data file"
+    );
+    let mut tx = s.begin().unwrap();
+    tx.create(
+        "Patient",
+        "p1",
+        json!({"resourceType": "Patient"}),
+        &Default::default(),
+    )
+    .unwrap();
+    tx.audit_append(&[json!({"action": "create", "patient": "p1"})])
+        .unwrap();
+    tx.commit().unwrap();
+    assert_ne!(
+        data_version(&watcher),
+        v0,
+        "a write commits to the data file"
+    );
+    // the write's record sits in the data file, with its data
+    let in_data: i64 = watcher
+        .query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(in_data, 1);
+}
+
+#[test]
+fn one_chain_through_both_files_survives_reopening_and_shows_tampering_in_either() {
+    use serde_json::json;
+    use tsunagi_store::audit::{self, ChainProblem, ProblemKind};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let write = |s: &SqliteStore, n: i64| {
+        let mut tx = s.begin().unwrap();
+        let e = tx.audit_append(&[json!({"n": n})]).unwrap();
+        tx.commit().unwrap();
+        e[0].seq
+    };
+    let read = |s: &SqliteStore, n: i64| s.audit_append(&[json!({"n": n})]).unwrap()[0].seq;
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!((write(&s, 1), read(&s, 2), read(&s, 3)), (1, 2, 3));
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!((write(&s, 4), read(&s, 5), write(&s, 6)), (4, 5, 6));
+    let report = audit::verify_chain(audit::scan_all(&s));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.checked, 6);
+
+    s.raw_execute(r#"UPDATE audit_log SET record = '{"n":40}' WHERE seq = 4"#)
+        .unwrap();
+    s.raw_execute(&format!(
+        "DELETE FROM {} WHERE seq = 2",
+        tsunagi_store::sqlite::STANDALONE_AUDIT_TABLE
+    ))
+    .unwrap();
+    let r = audit::verify_chain(audit::scan_all(&s));
+    assert_eq!(
+        r.problems,
+        vec![
+            ChainProblem {
+                seq: 2,
+                kind: ProblemKind::Missing { count: 1 }
+            },
+            ChainProblem {
+                seq: 4,
+                kind: ProblemKind::Altered
+            },
+        ]
+    );
 }

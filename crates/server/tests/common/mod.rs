@@ -294,6 +294,15 @@ impl TestServer {
         r.body["events"].as_array().cloned().unwrap_or_default()
     }
 
+    /// The table `raw_execute` names to reach stand-alone audit records (reads,
+    /// searches, denials).
+    pub fn standalone_audit_table(&self) -> &'static str {
+        match &self.raw {
+            Raw::Sqlite(_) => tsunagi_store::sqlite::STANDALONE_AUDIT_TABLE,
+            Raw::Pg { .. } => "audit_log",
+        }
+    }
+
     /// Runs raw SQL against the backend (tampering with the audit log).
     pub fn raw_execute(&self, sql: &str) {
         let sql = sql.to_string();
