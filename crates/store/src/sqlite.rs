@@ -236,8 +236,8 @@ impl SqliteStore {
         // (pcache1TruncateUnsafe, from pager_end_transaction), whose size follows
         // the cache: with the writer's 64 MiB it was 7 % of the server's CPU under
         // reads, each of which commits an audit batch. Those batches touch only
-        // the tail of the audit table, so they commit on a second connection with
-        // a small cache (always under the writer's mutex: no SQLite lock waits).
+        // the audit file, so they commit on a second connection with a small
+        // cache (always under the writer's mutex: no SQLite lock waits).
         let audit_writer = Connection::open(path).map_err(db_err)?;
         audit_writer
             .execute_batch(&format!(
