@@ -131,8 +131,7 @@ fn attach_audit(c: &Connection, file: &Path) -> FhirResult<()> {
 fn migrate_audit_file(c: &Connection) -> FhirResult<()> {
     c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.journal_mode = WAL;"))
         .map_err(db_err)?;
-    c.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
-    let result = (|| {
+    immediate(c, || {
         let current: i64 = c
             .query_row(&format!("PRAGMA {AUDIT_SCHEMA}.user_version"), [], |r| {
                 r.get(0)
@@ -155,14 +154,18 @@ fn migrate_audit_file(c: &Connection) -> FhirResult<()> {
             tracing::info!(version, "sqlite audit file migration applied");
         }
         Ok(())
-    })();
-    match result {
-        Ok(()) => c.execute_batch("COMMIT").map_err(db_err),
-        Err(e) => {
-            let _ = c.execute_batch("ROLLBACK");
-            Err(e)
-        }
+    })
+}
+
+/// Runs `f` in a `BEGIN IMMEDIATE` transaction on `c`: committed when it
+/// succeeds, rolled back when it or the commit fails.
+fn immediate<T>(c: &Connection, f: impl FnOnce() -> FhirResult<T>) -> FhirResult<T> {
+    c.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = f().and_then(|v| c.execute_batch("COMMIT").map_err(db_err).map(|()| v));
+    if result.is_err() {
+        let _ = c.execute_batch("ROLLBACK");
     }
+    result
 }
 
 /// The embedded store.
@@ -385,8 +388,7 @@ impl Drop for Reader<'_> {
 }
 
 fn migrate(conn: &Connection, st: &Statements) -> FhirResult<()> {
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
-    let result = (|| {
+    immediate(conn, || {
         conn.execute_batch(schema::bootstrap(Dialect::Sqlite))
             .map_err(db_err)?;
         let current: i64 = conn
@@ -419,14 +421,7 @@ fn migrate(conn: &Connection, st: &Statements) -> FhirResult<()> {
             tracing::info!(resources = n, "search index rebuilt");
         }
         Ok(())
-    })();
-    match result {
-        Ok(()) => conn.execute_batch("COMMIT").map_err(db_err),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Primitive operations on one SQLite connection.
