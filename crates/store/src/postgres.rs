@@ -258,6 +258,7 @@ impl PgStore {
             )
             .map_err(pg_err)?
             .get(0);
+        schema::refuse_newer(current)?;
         let mut reindex = false;
         for (version, ddl) in schema::migrations(Dialect::Postgres) {
             if version <= current {

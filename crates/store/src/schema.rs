@@ -208,5 +208,18 @@ pub fn latest() -> i64 {
     MIGRATIONS.len() as i64
 }
 
+/// Refuses a database that a newer build has migrated: this build would write
+/// without knowing that schema's rules (since session 10, for instance, the SQLite
+/// audit chain runs through a second file that older builds do not read).
+pub fn refuse_newer(current: i64) -> tsunagi_fhir::FhirResult<()> {
+    if current > latest() {
+        return Err(tsunagi_fhir::FhirError::internal(format!(
+            "the database has schema version {current}; this build knows up to {}: run a newer tsunagi",
+            latest()
+        )));
+    }
+    Ok(())
+}
+
 /// Key of the PostgreSQL advisory lock that serialises migrations.
 pub const PG_MIGRATION_LOCK: i64 = 0x7473_756e_6167_6901;

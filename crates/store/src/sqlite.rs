@@ -398,6 +398,7 @@ fn migrate(conn: &Connection, st: &Statements) -> FhirResult<()> {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
+        schema::refuse_newer(current)?;
         let mut reindex = false;
         for (version, ddl) in schema::migrations(Dialect::Sqlite) {
             if version <= current {

@@ -153,3 +153,23 @@ fn a_bulk_load_leaves_fresh_planner_statistics() {
     c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .unwrap();
 }
+
+#[test]
+fn a_database_migrated_by_a_newer_build_is_refused() {
+    let Some(url) = url() else { return };
+    let schema = fresh_schema();
+    let store = PgStore::connect_in_schema(&url, &schema, 1).expect("connect");
+    let newer = tsunagi_store::schema::latest() + 1;
+    store
+        .raw_execute(&format!(
+            "INSERT INTO {schema}.schema_migrations (version) VALUES ({newer})"
+        ))
+        .unwrap();
+    let refused = PgStore::connect_in_schema(&url, &schema, 1);
+    let _ = store.raw_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+    let e = refused.err().expect("a newer schema is refused");
+    assert!(
+        e.to_string().contains(&format!("schema version {newer}")),
+        "{e}"
+    );
+}

@@ -210,3 +210,25 @@ fn one_chain_through_both_files_survives_reopening_and_shows_tampering_in_either
         ]
     );
 }
+
+#[test]
+fn a_database_migrated_by_a_newer_build_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let newer = tsunagi_store::schema::latest() + 1;
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 'later')",
+            [newer],
+        )
+        .unwrap();
+    let e = SqliteStore::open(&path)
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        e.to_string().contains(&format!("schema version {newer}")),
+        "{e}"
+    );
+}
