@@ -27,6 +27,15 @@ pub struct StoredResource {
     pub author_org: Option<String>,
 }
 
+/// The outcome of [`Transaction::put`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub version: i64,
+    pub last_updated: DateTime<Utc>,
+    /// Whether the write created the resource (or re-created a deleted one).
+    pub created: bool,
+}
+
 /// What a store is opened for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Workload {
@@ -334,6 +343,16 @@ pub trait Transaction {
         if_match: Option<i64>,
         ctx: &WriteContext,
     ) -> FhirResult<(StoredResource, bool)>;
+
+    /// [`Transaction::update`] of a body prepared outside the transaction
+    /// ([`crate::PreparedResource`]): the same version, history, index entries and
+    /// stored text, with the serialising and extracting already done.
+    fn put(
+        &mut self,
+        resource: &crate::PreparedResource,
+        if_match: Option<i64>,
+        ctx: &WriteContext,
+    ) -> FhirResult<Written>;
 
     /// Logically deletes; returns the delete version, or None when there was nothing
     /// live to delete (deleting twice is not an error).

@@ -106,6 +106,7 @@ macro_rules! conformance_tests {
             search_meta_tag_and_profile,
             forget_history_keeps_only_the_current_version,
             repeated_entries_are_one_entry,
+            put_stores_what_update_stores,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -2565,4 +2566,108 @@ pub fn repeated_entries_are_one_entry(h: &dyn Harness) {
         .search(&SearchQuery::new("Observation"), &scope)
         .expect("search");
     assert_eq!((sorted_ids(&r), r.total), (v(&["o1"]), 1));
+}
+
+/// A prepared body (`Transaction::put`) is stored, versioned, indexed and placed
+/// in its patient's compartment exactly as the same body through `update`.
+pub fn put_stores_what_update_stores(h: &dyn Harness) {
+    let s = h.store();
+    let bodies = [
+        patient("x", "Kimura", Some("1990-04-01"), "female"),
+        json!({"resourceType": "Observation", "id": "ignored", "status": "final",
+            "meta": {"versionId": "9", "lastUpdated": "2000-01-01T00:00:00Z",
+                     "profile": ["http://example.org/p"], "tag": [{"system": "urn:t", "code": "t1"}]},
+            "code": {"coding": [{"system": LOINC, "code": "2345-7"}]},
+            "subject": {"reference": "Patient/pp"},
+            "note": [{"text": "quote \" and 日本語"}]}),
+        json!({"status": "final", "meta": "not an object",
+            "code": {"coding": [{"system": LOINC, "code": "2345-7"}]}, "subject": {"reference": "Patient/pp"}}),
+    ];
+    let rt = |b: &Value| {
+        b["resourceType"]
+            .as_str()
+            .unwrap_or("Observation")
+            .to_string()
+    };
+    let mut tx = s.begin().unwrap();
+    for (i, b) in bodies.iter().enumerate() {
+        let t = rt(b);
+        tx.update(&t, &format!("u{i}"), b.clone(), None, &ctx("A"))
+            .unwrap();
+        let p = crate::PreparedResource::new(&t, &format!("p{i}"), b).unwrap();
+        let w = tx.put(&p, None, &ctx("A")).unwrap();
+        assert_eq!((w.version, w.created), (1, true));
+    }
+    tx.commit().unwrap();
+    let strip = |v: Value| {
+        let mut v = v;
+        v["id"] = json!("-");
+        v["meta"]["lastUpdated"] = json!("-");
+        v
+    };
+    for (i, b) in bodies.iter().enumerate() {
+        let t = rt(b);
+        let u = s.read(&t, &format!("u{i}")).unwrap().unwrap();
+        let p = s.read(&t, &format!("p{i}")).unwrap().unwrap();
+        assert_eq!(p.resource.as_ref().unwrap()["id"], json!(format!("p{i}")));
+        assert_eq!(
+            strip(p.resource.unwrap()),
+            strip(u.resource.unwrap()),
+            "body {i}"
+        );
+        assert_eq!(p.author_org.as_deref(), Some("A"));
+    }
+    let by = |rt: &str, param: &str, c: Criterion| find(s, rt, param, c);
+    assert_eq!(
+        by(
+            "Patient",
+            "family",
+            string(StringMode::StartsWith, "Kimura")
+        ),
+        v(&["p0", "u0"])
+    );
+    let code = tok(Some(Some(LOINC)), Some("2345-7"));
+    assert_eq!(
+        by("Observation", "code", token(vec![code])),
+        v(&["p1", "p2", "u1", "u2"])
+    );
+    let tag = tok(Some(Some("urn:t")), Some("t1"));
+    assert_eq!(
+        by("Observation", "_tag", token(vec![tag])),
+        v(&["p1", "u1"])
+    );
+    let r = s
+        .patient_compartment("pp", &Scope::Unrestricted, 10, 0)
+        .unwrap();
+    assert_eq!(sorted_ids(&r), v(&["p1", "p2", "u1", "u2"]));
+
+    // a new version replaces the index entries; If-Match and re-creation as `update`
+    let mut tx = s.begin().unwrap();
+    let renamed = patient("x", "Kondo", None, "female");
+    let p = crate::PreparedResource::new("Patient", "p0", &renamed).unwrap();
+    let e = tx.put(&p, Some(7), &ctx("A")).unwrap_err();
+    assert_eq!(e.status, 412);
+    let w = tx.put(&p, Some(1), &ctx("A")).unwrap();
+    assert_eq!((w.version, w.created), (2, false));
+    let gone = crate::PreparedResource::new("Patient", "absent", &renamed).unwrap();
+    assert_eq!(tx.put(&gone, Some(1), &ctx("A")).unwrap_err().status, 412);
+    tx.delete("Patient", "p0", None, &ctx("A")).unwrap();
+    let w = tx.put(&p, None, &ctx("A")).unwrap();
+    assert_eq!((w.version, w.created), (4, true));
+    tx.commit().unwrap();
+    assert_eq!(
+        by(
+            "Patient",
+            "family",
+            string(StringMode::StartsWith, "Kimura")
+        ),
+        v(&["u0"])
+    );
+    assert_eq!(
+        by("Patient", "family", string(StringMode::StartsWith, "Kondo")),
+        v(&["p0"])
+    );
+    let h = s.read("Patient", "p0").unwrap().unwrap();
+    assert_eq!((h.version, h.deleted), (4, false));
+    assert_eq!(h.resource.unwrap()["meta"]["versionId"], json!("4"));
 }

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tsunagi_fhir::search::{IndexEntry, SearchQuery, Summary};
 use tsunagi_fhir::{FhirError, FhirResult};
 
-use crate::api::{AuditEntry, Scope, SearchResult, StoredResource, WriteContext};
+use crate::api::{AuditEntry, Scope, SearchResult, StoredResource, WriteContext, Written};
 use crate::audit;
 use crate::sql::{self, Built, Dialect};
 
@@ -120,7 +120,8 @@ pub(crate) fn parse_body(body: Option<String>) -> FhirResult<Option<Value>> {
 }
 
 /// Sets `resourceType`, `id`, `meta.versionId` and `meta.lastUpdated`; they come
-/// first in the object, then the caller's elements in their order.
+/// first in the object, then the caller's elements in their order (`shift_remove`:
+/// the map's plain `remove` swaps the last element into the hole).
 fn stamp(
     rt: &str,
     id: &str,
@@ -134,7 +135,7 @@ fn stamp(
             "a resource must be a JSON object",
         ));
     };
-    match obj.remove("resourceType") {
+    match obj.shift_remove("resourceType") {
         None => {}
         Some(Value::String(t)) if t == rt => {}
         Some(_) => {
@@ -144,13 +145,13 @@ fn stamp(
             ));
         }
     }
-    obj.remove("id");
-    let mut meta = match obj.remove("meta") {
+    obj.shift_remove("id");
+    let mut meta = match obj.shift_remove("meta") {
         Some(Value::Object(m)) => m,
         _ => Map::new(),
     };
-    meta.remove("versionId");
-    meta.remove("lastUpdated");
+    meta.shift_remove("versionId");
+    meta.shift_remove("lastUpdated");
     let mut new_meta = Map::with_capacity(meta.len() + 2);
     new_meta.insert("versionId".into(), Value::String(version.to_string()));
     new_meta.insert(
@@ -232,39 +233,166 @@ pub(crate) fn reindex_all<T: TxOps + ?Sized>(t: &mut T) -> FhirResult<u64> {
     Ok(n)
 }
 
-/// Writes a new version (creating the resource when `cur` is None). `Err(body)`
-/// when a concurrent transaction created the resource first; the body comes back
-/// so the caller can retry without having cloned it.
-fn write_version<T: TxOps + ?Sized>(
+/// A resource made ready to be written, outside any transaction: its id and type
+/// checked, its body serialised but for the version and time the write stamps,
+/// its index entries and patient compartment extracted. [`crate::Transaction::put`]
+/// then does only the storage work, so a loader can prepare on one thread while
+/// another holds the (single) writer. The stored text is byte for byte what
+/// [`crate::Transaction::update`] stores for the same body.
+#[derive(Debug, Clone)]
+pub struct PreparedResource {
+    rt: String,
+    id: String,
+    /// The text up to the version: `{"resourceType":…,"id":…,"meta":{"versionId":"`.
+    head: String,
+    /// The text after the time's value: `"`, the rest of `meta`, `}`, the other
+    /// elements in their order, `}`.
+    tail: String,
+    entries: Vec<IndexEntry>,
+    patient: Option<String>,
+}
+
+impl PreparedResource {
+    /// Prepares `body` to be stored as `rt`/`id`. The same checks as a write:
+    /// a JSON object, a `resourceType` (if any) equal to `rt`, a valid id.
+    pub fn new(rt: &str, id: &str, body: &Value) -> FhirResult<PreparedResource> {
+        check_id(id)?;
+        let Value::Object(obj) = body else {
+            return Err(FhirError::bad_request(
+                None,
+                "a resource must be a JSON object",
+            ));
+        };
+        match obj.get("resourceType") {
+            None => {}
+            Some(Value::String(t)) if t == rt => {}
+            Some(_) => {
+                return Err(FhirError::bad_request(
+                    Some("resourceType"),
+                    format!("resourceType does not match the requested type {rt}"),
+                ));
+            }
+        }
+        let mut head = Vec::with_capacity(64 + id.len());
+        head.extend_from_slice(b"{\"resourceType\":");
+        write_json(rt, &mut head)?;
+        head.extend_from_slice(b",\"id\":");
+        write_json(id, &mut head)?;
+        head.extend_from_slice(b",\"meta\":{\"versionId\":\"");
+        let mut tail = Vec::with_capacity(1024);
+        tail.push(b'"');
+        let members = |m: &Map<String, Value>, skip: &[&str], out: &mut Vec<u8>| {
+            for (k, v) in m {
+                if skip.contains(&k.as_str()) {
+                    continue;
+                }
+                out.push(b',');
+                write_json(k, out)?;
+                out.push(b':');
+                write_json(v, out)?;
+            }
+            FhirResult::Ok(())
+        };
+        // as `stamp`: a meta that is not an object is dropped
+        if let Some(Value::Object(meta)) = obj.get("meta") {
+            members(meta, &["versionId", "lastUpdated"], &mut tail)?;
+        }
+        tail.push(b'}');
+        members(obj, &["resourceType", "id", "meta"], &mut tail)?;
+        tail.push(b'}');
+        let text = |b: Vec<u8>| {
+            String::from_utf8(b).map_err(|_| FhirError::internal("serialised JSON is not UTF-8"))
+        };
+        // `_id` and `meta.versionId`/`lastUpdated` are not index entries, and a
+        // Patient's compartment is its own (given) id
+        let patient = if rt == "Patient" {
+            Some(id.to_string())
+        } else {
+            tsunagi_fhir::index::compartment_patient(rt, body)
+        };
+        Ok(PreparedResource {
+            rt: rt.to_string(),
+            id: id.to_string(),
+            head: text(head)?,
+            tail: text(tail)?,
+            entries: index_entries(rt, body),
+            patient,
+        })
+    }
+
+    pub fn resource_type(&self) -> &str {
+        &self.rt
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stored text of this body at `version`, written at `last_updated`.
+    fn text(&self, version: i64, last_updated: &DateTime<Utc>) -> String {
+        let lu = format_instant(last_updated);
+        let mut s = String::with_capacity(self.head.len() + self.tail.len() + 48);
+        s.push_str(&self.head);
+        s.push_str(&version.to_string());
+        s.push_str("\",\"lastUpdated\":\"");
+        s.push_str(&lu);
+        s.push_str(&self.tail);
+        s
+    }
+}
+
+/// Appends a key, string or value as `serde_json::to_string` writes it.
+fn write_json<T: serde::Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) -> FhirResult<()> {
+    serde_json::to_writer(out, v)
+        .map_err(|_| FhirError::internal("resource could not be serialised"))
+}
+
+/// What a write stores: a body to stamp and extract under the transaction, or a
+/// prepared one.
+enum NewBody<'a> {
+    Value(Value),
+    Prepared(&'a PreparedResource),
+}
+
+/// Writes a new version (creating the resource when `cur` is None; a delete when
+/// `resource` is None). `Err(body)` when a concurrent transaction created the
+/// resource first; the body comes back so the caller can retry without having
+/// cloned it.
+fn write_version<'a, T: TxOps + ?Sized>(
     t: &mut T,
     rt: &str,
     id: &str,
     cur: Option<&Current>,
-    resource: Option<Value>,
+    resource: Option<NewBody<'a>>,
     ctx: &WriteContext,
-) -> FhirResult<Result<StoredResource, Option<Value>>> {
+) -> FhirResult<Result<StoredResource, Option<NewBody<'a>>>> {
     let (version, last_updated) = match cur {
         Some(c) => (c.version + 1, now_ms().max(c.last_updated + 1)),
         None => (1, now_ms()),
     };
     let lu = ms_to_dt(last_updated)?;
     let deleted = resource.is_none();
-    let body = match resource {
-        Some(r) => Some(stamp(rt, id, r, version, &lu)?),
-        None => None,
+    let (body, prepared) = match resource {
+        None => (None, None),
+        Some(NewBody::Value(r)) => (Some(stamp(rt, id, r, version, &lu)?), None),
+        Some(NewBody::Prepared(p)) => (None, Some(p)),
     };
-    let (entries, patient) = match &body {
-        Some(b) => (
+    let extracted = body.as_ref().map(|b| {
+        (
             index_entries(rt, b),
             tsunagi_fhir::index::compartment_patient(rt, b),
-        ),
-        None => (Vec::new(), None),
+        )
+    });
+    let (entries, patient): (&[IndexEntry], Option<&str>) = match (&extracted, prepared) {
+        (Some((e, p)), _) => (e, p.as_deref()),
+        (None, Some(p)) => (&p.entries, p.patient.as_deref()),
+        (None, None) => (&[], None),
     };
     let row = CurrentRow {
         version,
         last_updated,
         deleted,
-        patient_id: patient.as_deref(),
+        patient_id: patient,
         author_org: ctx.org.as_deref(),
     };
     let rid = match cur {
@@ -275,15 +403,22 @@ fn write_version<T: TxOps + ?Sized>(
         }
         None => match t.insert_current(rt, id, &row)? {
             Some(rid) => rid,
-            None => return Ok(Err(body)),
+            None => {
+                return Ok(Err(match (body, prepared) {
+                    (Some(b), _) => Some(NewBody::Value(b)),
+                    (None, Some(p)) => Some(NewBody::Prepared(p)),
+                    (None, None) => None,
+                }));
+            }
         },
     };
-    let text = match &body {
-        Some(b) => Some(
+    let text = match (&body, prepared) {
+        (Some(b), _) => Some(
             serde_json::to_string(b)
                 .map_err(|_| FhirError::internal("resource could not be serialised"))?,
         ),
-        None => None,
+        (None, Some(p)) => Some(p.text(version, &lu)),
+        (None, None) => None,
     };
     t.insert_version(
         rid,
@@ -295,7 +430,7 @@ fn write_version<T: TxOps + ?Sized>(
         text.as_deref(),
     )?;
     if !entries.is_empty() {
-        t.insert_index(rid, rt, &entries)?;
+        t.insert_index(rid, rt, entries)?;
     }
     Ok(Ok(StoredResource {
         resource_type: rt.to_string(),
@@ -319,7 +454,7 @@ pub(crate) fn create<T: TxOps + ?Sized>(
     if t.current(rt, id)?.is_some() {
         return Err(FhirError::conflict(format!("{rt}/{id} already exists")));
     }
-    write_version(t, rt, id, None, Some(resource), ctx)?
+    write_version(t, rt, id, None, Some(NewBody::Value(resource)), ctx)?
         .map_err(|_| FhirError::conflict(format!("{rt}/{id} already exists")))
 }
 
@@ -328,6 +463,32 @@ pub(crate) fn update<T: TxOps + ?Sized>(
     rt: &str,
     id: &str,
     resource: Value,
+    if_match: Option<i64>,
+    ctx: &WriteContext,
+) -> FhirResult<(StoredResource, bool)> {
+    update_body(t, rt, id, NewBody::Value(resource), if_match, ctx)
+}
+
+/// [`update`] of a prepared body; the returned resource carries no body.
+pub(crate) fn put<T: TxOps + ?Sized>(
+    t: &mut T,
+    p: &PreparedResource,
+    if_match: Option<i64>,
+    ctx: &WriteContext,
+) -> FhirResult<Written> {
+    let (s, created) = update_body(t, &p.rt, &p.id, NewBody::Prepared(p), if_match, ctx)?;
+    Ok(Written {
+        version: s.version,
+        last_updated: s.last_updated,
+        created,
+    })
+}
+
+fn update_body<T: TxOps + ?Sized>(
+    t: &mut T,
+    rt: &str,
+    id: &str,
+    resource: NewBody<'_>,
     if_match: Option<i64>,
     ctx: &WriteContext,
 ) -> FhirResult<(StoredResource, bool)> {
@@ -594,4 +755,46 @@ pub(crate) fn audit_entry(
         prev_hash,
         hash,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The prepared text is the text `update` stores: the same bytes, for bodies
+    /// with and without meta, with stale ids and versions, escapes and non-ASCII.
+    #[test]
+    fn prepared_text_is_the_stamped_text() {
+        let lu = ms_to_dt(1_795_000_000_123).unwrap();
+        let bodies = [
+            json!({"resourceType": "Patient"}),
+            json!({"name": [{"family": "山田"}], "resourceType": "Patient", "id": "old",
+                   "meta": {"lastUpdated": "x", "profile": ["p"], "versionId": "3", "tag": []}}),
+            json!({"meta": 5, "gender": "other", "text": {"div": "<div>\"\\\n</div>"}}),
+            json!({"meta": {}, "active": true, "multipleBirthInteger": 2}),
+        ];
+        for b in bodies {
+            let p = PreparedResource::new("Patient", "id-1.x", &b).unwrap();
+            let stamped = stamp("Patient", "id-1.x", b.clone(), 12, &lu).unwrap();
+            assert_eq!(
+                p.text(12, &lu),
+                serde_json::to_string(&stamped).unwrap(),
+                "{b}"
+            );
+            assert_eq!(p.entries, index_entries("Patient", &stamped), "{b}");
+            assert_eq!(p.patient.as_deref(), Some("id-1.x"));
+        }
+    }
+
+    #[test]
+    fn prepared_checks_what_a_write_checks() {
+        let e = PreparedResource::new("Patient", "a b", &json!({})).unwrap_err();
+        assert_eq!(e.status, 400);
+        let e = PreparedResource::new("Patient", "a", &json!([])).unwrap_err();
+        assert_eq!(e.status, 400);
+        let e = PreparedResource::new("Patient", "a", &json!({"resourceType": "Observation"}))
+            .unwrap_err();
+        assert_eq!(e.status, 400);
+    }
 }

@@ -15,6 +15,6 @@ pub mod sql;
 pub mod sqlite;
 
 pub use api::*;
-pub use engine::format_instant;
+pub use engine::{PreparedResource, format_instant};
 
 pub use sqlite::SqliteStore;

@@ -27,7 +27,7 @@ use tsunagi_fhir::search::{IndexEntry, IndexValue, SearchQuery};
 use tsunagi_fhir::{FhirError, FhirResult};
 
 use crate::api::*;
-use crate::engine::{self, AuditColumns, Current, CurrentRow, Ops, Row, TxOps};
+use crate::engine::{self, AuditColumns, Current, CurrentRow, Ops, PreparedResource, Row, TxOps};
 use crate::schema;
 use crate::sql::{self, Built, Dialect, SqlValue, Statements};
 
@@ -814,6 +814,15 @@ impl Transaction for SqliteTransaction<'_> {
         ctx: &WriteContext,
     ) -> FhirResult<(StoredResource, bool)> {
         engine::update(&mut self.ops(), resource_type, id, resource, if_match, ctx)
+    }
+
+    fn put(
+        &mut self,
+        resource: &PreparedResource,
+        if_match: Option<i64>,
+        ctx: &WriteContext,
+    ) -> FhirResult<Written> {
+        engine::put(&mut self.ops(), resource, if_match, ctx)
     }
 
     fn delete(
