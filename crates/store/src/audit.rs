@@ -50,35 +50,49 @@ fn hex(bytes: &[u8]) -> String {
 /// Serialises with object keys sorted recursively (by UTF-8 bytes) and no
 /// whitespace. The workspace keeps insertion order in `serde_json::Map`, so a
 /// plain `to_string` would hash the same record differently depending on how
-/// it was built.
+/// it was built. Keys and scalars are written as `serde_json` writes them,
+/// straight into `out` (every audit append runs this).
 pub fn canonical_json(v: &Value, out: &mut String) {
+    let mut buf = std::mem::take(out).into_bytes();
+    canonical_into(v, &mut buf);
+    // only serde_json's output and ASCII punctuation were appended to UTF-8
+    *out = String::from_utf8(buf)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+}
+
+fn canonical_into(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String((*k).clone()).to_string());
-                out.push(':');
-                canonical_json(&m[k.as_str()], out);
+                scalar(k, out);
+                out.push(b':');
+                canonical_into(x, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                canonical_json(x, out);
+                canonical_into(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => scalar(other, out),
     }
+}
+
+fn scalar<T: serde::Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) {
+    // writing a string or a JSON scalar to a Vec cannot fail
+    let _ = serde_json::to_writer(out, v);
 }
 
 /// What is wrong with an entry.
@@ -251,6 +265,49 @@ pub fn scan_all(store: &dyn Store) -> impl Iterator<Item = FhirResult<AuditEntry
 
 #[cfg(test)]
 mod tests {
+    /// The former implementation, kept to pin the hashed bytes: a change here
+    /// would make every stored chain fail verification.
+    fn canonical_reference(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String((*k).clone()).to_string());
+                    out.push(':');
+                    canonical_reference(&m[k.as_str()], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical_reference(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+
+    #[test]
+    fn canonical_bytes_are_unchanged() {
+        let v = serde_json::json!({"z": [1, 2.5, -3e300, null, true, "\u{1}\"\\/\n日本"],
+            "a": {"é": 1, "e": {"y": [], "x": {}}, "": ""}, "Z": 0, "10": "x", "9": 18446744073709551615u64});
+        let (mut new, mut old) = (String::from("prefix:"), String::from("prefix:"));
+        canonical_json(&v, &mut new);
+        canonical_reference(&v, &mut old);
+        assert_eq!(new, old);
+        assert!(new.starts_with("prefix:{\"10\":\"x\",\"9\""), "{new}");
+    }
+
     use super::*;
     use serde_json::json;
 
