@@ -48,9 +48,9 @@ use tsunagi_server::engine::audit_record;
 use tsunagi_server::engine::{WriteWork, blocking};
 use tsunagi_server::http::extract::{Caller, FhirJson};
 use tsunagi_server::http::{ApiResult, fhir_json};
-use tsunagi_server::validate::gate;
+use tsunagi_server::validate::{Validate, gate};
 use tsunagi_server::{AppState, Ctx};
-use tsunagi_store::{Scope, Store, StoredResource, Transaction, WriteContext};
+use tsunagi_store::{PreparedResource, Scope, Store, StoredResource, Transaction, WriteContext};
 
 use crate::catalogue::{Catalogue, Kind, Programme};
 use crate::matching::{Match, Matcher, PersonData};
@@ -413,6 +413,13 @@ impl Report {
     }
 }
 
+/// A Coverage to write: built by the writer, or prepared (and gated) by the
+/// preparing thread.
+enum Body {
+    Value(Value),
+    Prepared(PreparedResource),
+}
+
 enum Applied {
     Written,
     Unchanged,
@@ -447,15 +454,33 @@ fn validate(
 
 /// A validated row made ready outside the write transaction (by the preparing
 /// thread of [`Importer::run`]): the person matched and, for a match, the
-/// Coverage built. The writer still decides inside the transaction: an existing
-/// recipient keeps its person, and only then is the prepared match used.
+/// Coverage built, validated and prepared for the store (serialised, index
+/// entries extracted), and compared with the recipient's stored version. The
+/// writer still decides inside the transaction: an existing recipient keeps its
+/// person, and the preparation is used only if the recipient is still as the
+/// preparing thread saw it; otherwise the writer builds the row again itself.
 pub struct Prepared {
     pub line: u64,
     pub row: Row,
+    /// The recipient's Coverage id.
+    id: String,
     /// The match of an upsert row's person (None for end rows).
     matched: Option<FhirResult<Match>>,
     /// The Coverage for the matched person, taken by the first attempt.
-    coverage: Option<(String, Value)>,
+    coverage: Option<PreparedCoverage>,
+}
+
+/// A Coverage built for a matched person and prepared for the store. The body
+/// itself stays with the preparing thread (freeing it on the writer cost the
+/// writer 8 % of its time, measured).
+struct PreparedCoverage {
+    patient: String,
+    /// The validation gate's verdict on the body.
+    gate: FhirResult<()>,
+    prepared: PreparedResource,
+    /// The recipient as the preparing thread found it: None when absent (or
+    /// deleted), else its version and whether the built body equals it.
+    found: Option<(i64, bool)>,
 }
 
 impl Prepared {
@@ -465,20 +490,37 @@ impl Prepared {
         row: Row,
         matcher: &mut Matcher,
         store: &dyn Store,
+        validator: &dyn Validate,
         catalogue: &Catalogue,
         municipality: &str,
     ) -> Prepared {
+        let id = recipient_id(&row.payer_number, &row.recipient_number);
         let matched = row.person.as_ref().map(|p| matcher.find(store, p));
         let coverage = match (&matched, catalogue.get(&row.programme)) {
-            (Some(Ok(Match::Found(patient))), Some(programme)) => Some((
-                patient.clone(),
-                row.coverage(&programme, municipality, patient),
-            )),
+            (Some(Ok(Match::Found(patient))), Some(programme)) => {
+                let body = row.coverage(&programme, municipality, patient);
+                let found = match store.read("Coverage", &id) {
+                    Ok(Some(s)) if !s.deleted => Some(Some((s.version, same_content(&s, &body)))),
+                    Ok(_) => Some(None),
+                    Err(_) => None,
+                };
+                // a body the store refuses, or a failed read, is left to the writer
+                match (found, PreparedResource::new("Coverage", &id, &body)) {
+                    (Some(found), Ok(prepared)) => Some(PreparedCoverage {
+                        patient: patient.clone(),
+                        gate: gate(validator, &body).map(|_| ()),
+                        prepared,
+                        found,
+                    }),
+                    _ => None,
+                }
+            }
             _ => None,
         };
         Prepared {
             line,
             row,
+            id,
             matched,
             coverage,
         }
@@ -529,7 +571,7 @@ impl<'a> Importer<'a> {
     fn apply(&mut self, tx: &mut dyn Transaction, item: &mut Prepared) -> FhirResult<Applied> {
         let line = item.line;
         let row = &item.row;
-        let id = recipient_id(&row.payer_number, &row.recipient_number);
+        let id = item.id.clone();
         let current = tx.read("Coverage", &id)?.filter(|c| !c.deleted);
         if let Some(c) = &current
             && c.author_org.as_deref() != Some(self.municipality.as_str())
@@ -590,11 +632,28 @@ impl<'a> Importer<'a> {
                         }
                     }
                 };
-                let built = match item.coverage.take() {
-                    Some((p, c)) if p == patient => c,
-                    _ => row.coverage(&programme, &self.municipality, &patient),
-                };
-                (built, patient)
+                // the preparation holds while the recipient is as it was seen
+                let now = current.as_ref().map(|c| c.version);
+                match item.coverage.take() {
+                    Some(c) if c.patient == patient && c.found.map(|f| f.0) == now => {
+                        if c.found.is_some_and(|f| f.1) {
+                            return Ok(Applied::Unchanged);
+                        }
+                        c.gate?;
+                        self.write(
+                            tx,
+                            &id,
+                            Body::Prepared(c.prepared),
+                            current.as_ref(),
+                            patient,
+                        )?;
+                        return Ok(Applied::Written);
+                    }
+                    _ => (
+                        row.coverage(&programme, &self.municipality, &patient),
+                        patient,
+                    ),
+                }
             }
         };
         if let Some(c) = &current
@@ -602,7 +661,7 @@ impl<'a> Importer<'a> {
         {
             return Ok(Applied::Unchanged);
         }
-        self.write(tx, &id, new, current.as_ref(), patient)?;
+        self.write(tx, &id, Body::Value(new), current.as_ref(), patient)?;
         Ok(match row.action {
             Action::End => Applied::Ended,
             Action::Upsert => Applied::Written,
@@ -612,15 +671,22 @@ impl<'a> Importer<'a> {
     /// The bulk write path: what [`WriteWork::update_in`] does (validation gate,
     /// the one policy, versioned write) without its second read, with the audit
     /// record queued to be appended with the batch, in the same transaction.
+    /// A prepared body passed the gate on the preparing thread.
     fn write(
         &mut self,
         tx: &mut dyn Transaction,
         id: &str,
-        new: Value,
+        new: Body,
         current: Option<&StoredResource>,
         patient: String,
     ) -> FhirResult<()> {
-        gate(&*self.work.validator, &new)?;
+        let prepared = match new {
+            Body::Prepared(p) => p,
+            Body::Value(v) => {
+                gate(&*self.work.validator, &v)?;
+                PreparedResource::new("Coverage", id, &v)?
+            }
+        };
         let op = if current.is_some() {
             Operation::Update
         } else {
@@ -635,16 +701,14 @@ impl<'a> Importer<'a> {
             org: Some(self.work.ctx.principal.org.clone()),
             user: self.work.ctx.principal.user.clone(),
         };
-        let (stored, created) = tx.update("Coverage", id, new, None, &wc)?;
+        let w = tx.put(&prepared, None, &wc)?;
+        let created = w.created;
         self.pending_audit.push(
             audit_record(
                 &self.work.ctx,
                 if created { Operation::Create } else { op },
                 Some(patient),
-                vec![format!(
-                    "Coverage/{}/_history/{}",
-                    stored.id, stored.version
-                )],
+                vec![format!("Coverage/{id}/_history/{}", w.version)],
                 Outcome::Success,
                 if created { 201 } else { 200 },
                 None,
@@ -781,6 +845,7 @@ impl<'a> Importer<'a> {
         mut checkpoint: impl FnMut(u64, &Report) -> FhirResult<()>,
     ) -> FhirResult<()> {
         let store = self.store();
+        let validator = self.work.validator.clone();
         let catalogue = self.catalogue;
         let municipality = self.municipality.clone();
         let opts = self.opts.clone();
@@ -803,6 +868,7 @@ impl<'a> Importer<'a> {
                             r,
                             &mut matcher,
                             &*store,
+                            &*validator,
                             catalogue,
                             &municipality,
                         ))),
@@ -833,10 +899,7 @@ impl<'a> Importer<'a> {
                             }
                             Item::Row(p) => {
                                 self.report.rows += 1;
-                                self.seen.insert(recipient_id(
-                                    &p.row.payer_number,
-                                    &p.row.recipient_number,
-                                ));
+                                self.seen.insert(p.id.clone());
                                 batch.push(*p);
                             }
                         }
