@@ -129,22 +129,11 @@ fn stamp(
     version: i64,
     last_updated: &DateTime<Utc>,
 ) -> FhirResult<Value> {
+    object_of(rt, &resource)?;
     let Value::Object(mut obj) = resource else {
-        return Err(FhirError::bad_request(
-            None,
-            "a resource must be a JSON object",
-        ));
+        return Err(FhirError::internal("a checked body is an object"));
     };
-    match obj.shift_remove("resourceType") {
-        None => {}
-        Some(Value::String(t)) if t == rt => {}
-        Some(_) => {
-            return Err(FhirError::bad_request(
-                Some("resourceType"),
-                format!("resourceType does not match the requested type {rt}"),
-            ));
-        }
-    }
+    obj.shift_remove("resourceType");
     obj.shift_remove("id");
     let mut meta = match obj.shift_remove("meta") {
         Some(Value::Object(m)) => m,
@@ -165,6 +154,25 @@ fn stamp(
     out.insert("meta".into(), Value::Object(new_meta));
     out.extend(obj);
     Ok(Value::Object(out))
+}
+
+/// What every write checks of a body: a JSON object whose `resourceType`, if
+/// given, is the type written.
+fn object_of<'a>(rt: &str, body: &'a Value) -> FhirResult<&'a Map<String, Value>> {
+    let Value::Object(obj) = body else {
+        return Err(FhirError::bad_request(
+            None,
+            "a resource must be a JSON object",
+        ));
+    };
+    match obj.get("resourceType") {
+        None => Ok(obj),
+        Some(Value::String(t)) if t == rt => Ok(obj),
+        Some(_) => Err(FhirError::bad_request(
+            Some("resourceType"),
+            format!("resourceType does not match the requested type {rt}"),
+        )),
+    }
 }
 
 fn check_id(id: &str) -> FhirResult<()> {
@@ -257,22 +265,7 @@ impl PreparedResource {
     /// a JSON object, a `resourceType` (if any) equal to `rt`, a valid id.
     pub fn new(rt: &str, id: &str, body: &Value) -> FhirResult<PreparedResource> {
         check_id(id)?;
-        let Value::Object(obj) = body else {
-            return Err(FhirError::bad_request(
-                None,
-                "a resource must be a JSON object",
-            ));
-        };
-        match obj.get("resourceType") {
-            None => {}
-            Some(Value::String(t)) if t == rt => {}
-            Some(_) => {
-                return Err(FhirError::bad_request(
-                    Some("resourceType"),
-                    format!("resourceType does not match the requested type {rt}"),
-                ));
-            }
-        }
+        let obj = object_of(rt, body)?;
         let mut head = Vec::with_capacity(64 + id.len());
         head.extend_from_slice(b"{\"resourceType\":");
         write_json(rt, &mut head)?;
