@@ -484,7 +484,9 @@ struct PreparedCoverage {
 }
 
 impl Prepared {
-    /// Validates nothing: matches the person of a validated row and builds its Coverage.
+    /// For a row already validated: matches its person and, for a match, builds
+    /// its Coverage, runs the validation gate on it, prepares it for the store and
+    /// compares it with the stored recipient.
     pub fn new(
         line: u64,
         row: Row,
