@@ -245,8 +245,9 @@ pub(crate) fn reindex_all<T: TxOps + ?Sized>(t: &mut T) -> FhirResult<u64> {
 /// checked, its body serialised but for the version and time the write stamps,
 /// its index entries and patient compartment extracted. [`crate::Transaction::put`]
 /// then does only the storage work, so a loader can prepare on one thread while
-/// another holds the (single) writer. The stored text is byte for byte what
-/// [`crate::Transaction::update`] stores for the same body.
+/// another holds the (single) writer. Every write stores through it: `create` and
+/// `update` prepare the body they are given (under the writer) and return it
+/// stamped, which is the stored text parsed (pinned by a test).
 #[derive(Debug, Clone)]
 pub struct PreparedResource {
     rt: String,
@@ -313,14 +314,6 @@ impl PreparedResource {
         })
     }
 
-    pub fn resource_type(&self) -> &str {
-        &self.rt
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// The stored text of this body at `version`, written at `last_updated`.
     fn text(&self, version: i64, last_updated: &DateTime<Utc>) -> String {
         let lu = format_instant(last_updated);
@@ -340,52 +333,28 @@ fn write_json<T: serde::Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) -> FhirRes
         .map_err(|_| FhirError::internal("resource could not be serialised"))
 }
 
-/// What a write stores: a body to stamp and extract under the transaction, or a
-/// prepared one.
-enum NewBody<'a> {
-    Value(Value),
-    Prepared(&'a PreparedResource),
-}
-
 /// Writes a new version (creating the resource when `cur` is None; a delete when
-/// `resource` is None). `Err(body)` when a concurrent transaction created the
-/// resource first; the body comes back so the caller can retry without having
-/// cloned it.
-fn write_version<'a, T: TxOps + ?Sized>(
+/// `resource` is None). None when a concurrent transaction created the resource
+/// first. The returned resource carries no body: a caller that holds the body as
+/// a value stamps it itself ([`stamped`]).
+fn write_version<T: TxOps + ?Sized>(
     t: &mut T,
     rt: &str,
     id: &str,
     cur: Option<&Current>,
-    resource: Option<NewBody<'a>>,
+    resource: Option<&PreparedResource>,
     ctx: &WriteContext,
-) -> FhirResult<Result<StoredResource, Option<NewBody<'a>>>> {
+) -> FhirResult<Option<StoredResource>> {
     let (version, last_updated) = match cur {
         Some(c) => (c.version + 1, now_ms().max(c.last_updated + 1)),
         None => (1, now_ms()),
     };
     let lu = ms_to_dt(last_updated)?;
-    let deleted = resource.is_none();
-    let (body, prepared) = match resource {
-        None => (None, None),
-        Some(NewBody::Value(r)) => (Some(stamp(rt, id, r, version, &lu)?), None),
-        Some(NewBody::Prepared(p)) => (None, Some(p)),
-    };
-    let extracted = body.as_ref().map(|b| {
-        (
-            index_entries(rt, b),
-            tsunagi_fhir::index::compartment_patient(rt, b),
-        )
-    });
-    let (entries, patient): (&[IndexEntry], Option<&str>) = match (&extracted, prepared) {
-        (Some((e, p)), _) => (e, p.as_deref()),
-        (None, Some(p)) => (&p.entries, p.patient.as_deref()),
-        (None, None) => (&[], None),
-    };
     let row = CurrentRow {
         version,
         last_updated,
-        deleted,
-        patient_id: patient,
+        deleted: resource.is_none(),
+        patient_id: resource.and_then(|p| p.patient.as_deref()),
         author_org: ctx.org.as_deref(),
     };
     let rid = match cur {
@@ -396,44 +365,45 @@ fn write_version<'a, T: TxOps + ?Sized>(
         }
         None => match t.insert_current(rt, id, &row)? {
             Some(rid) => rid,
-            None => {
-                return Ok(Err(match (body, prepared) {
-                    (Some(b), _) => Some(NewBody::Value(b)),
-                    (None, Some(p)) => Some(NewBody::Prepared(p)),
-                    (None, None) => None,
-                }));
-            }
+            None => return Ok(None),
         },
     };
-    let text = match (&body, prepared) {
-        (Some(b), _) => Some(
-            serde_json::to_string(b)
-                .map_err(|_| FhirError::internal("resource could not be serialised"))?,
-        ),
-        (None, Some(p)) => Some(p.text(version, &lu)),
-        (None, None) => None,
-    };
+    let text = resource.map(|p| p.text(version, &lu));
     t.insert_version(
         rid,
         rt,
         version,
         last_updated,
-        deleted,
+        row.deleted,
         ctx,
         text.as_deref(),
     )?;
-    if !entries.is_empty() {
-        t.insert_index(rid, rt, entries)?;
+    if let Some(p) = resource
+        && !p.entries.is_empty()
+    {
+        t.insert_index(rid, rt, &p.entries)?;
     }
-    Ok(Ok(StoredResource {
+    Ok(Some(StoredResource {
         resource_type: rt.to_string(),
         id: id.to_string(),
         version,
         last_updated: lu,
-        deleted,
-        resource: body,
+        deleted: row.deleted,
+        resource: None,
         author_org: ctx.org.clone(),
     }))
+}
+
+/// `s` with the body it was written from, stamped as it was stored.
+fn stamped(mut s: StoredResource, body: Value) -> FhirResult<StoredResource> {
+    s.resource = Some(stamp(
+        &s.resource_type,
+        &s.id,
+        body,
+        s.version,
+        &s.last_updated,
+    )?);
+    Ok(s)
 }
 
 pub(crate) fn create<T: TxOps + ?Sized>(
@@ -447,8 +417,10 @@ pub(crate) fn create<T: TxOps + ?Sized>(
     if t.current(rt, id)?.is_some() {
         return Err(FhirError::conflict(format!("{rt}/{id} already exists")));
     }
-    write_version(t, rt, id, None, Some(NewBody::Value(resource)), ctx)?
-        .map_err(|_| FhirError::conflict(format!("{rt}/{id} already exists")))
+    let p = PreparedResource::new(rt, id, &resource)?;
+    let s = write_version(t, rt, id, None, Some(&p), ctx)?
+        .ok_or_else(|| FhirError::conflict(format!("{rt}/{id} already exists")))?;
+    stamped(s, resource)
 }
 
 pub(crate) fn update<T: TxOps + ?Sized>(
@@ -459,17 +431,19 @@ pub(crate) fn update<T: TxOps + ?Sized>(
     if_match: Option<i64>,
     ctx: &WriteContext,
 ) -> FhirResult<(StoredResource, bool)> {
-    update_body(t, rt, id, NewBody::Value(resource), if_match, ctx)
+    let p = PreparedResource::new(rt, id, &resource)?;
+    let (s, created) = put_prepared(t, &p, if_match, ctx)?;
+    Ok((stamped(s, resource)?, created))
 }
 
-/// [`update`] of a prepared body; the returned resource carries no body.
+/// [`update`] of a prepared body.
 pub(crate) fn put<T: TxOps + ?Sized>(
     t: &mut T,
     p: &PreparedResource,
     if_match: Option<i64>,
     ctx: &WriteContext,
 ) -> FhirResult<Written> {
-    let (s, created) = update_body(t, &p.rt, &p.id, NewBody::Prepared(p), if_match, ctx)?;
+    let (s, created) = put_prepared(t, p, if_match, ctx)?;
     Ok(Written {
         version: s.version,
         last_updated: s.last_updated,
@@ -477,18 +451,15 @@ pub(crate) fn put<T: TxOps + ?Sized>(
     })
 }
 
-fn update_body<T: TxOps + ?Sized>(
+fn put_prepared<T: TxOps + ?Sized>(
     t: &mut T,
-    rt: &str,
-    id: &str,
-    resource: NewBody<'_>,
+    p: &PreparedResource,
     if_match: Option<i64>,
     ctx: &WriteContext,
 ) -> FhirResult<(StoredResource, bool)> {
-    check_id(id)?;
+    let (rt, id) = (p.rt.as_str(), p.id.as_str());
     // Two rounds at most: a concurrent creator may win the insert race, after
     // which the row exists (and is locked by `current`).
-    let mut body = Some(resource);
     for _ in 0..2 {
         let cur = t.current(rt, id)?;
         match (&cur, if_match) {
@@ -506,9 +477,8 @@ fn update_body<T: TxOps + ?Sized>(
             _ => {}
         }
         let created = cur.as_ref().is_none_or(|c| c.deleted);
-        match write_version(t, rt, id, cur.as_ref(), body.take(), ctx)? {
-            Ok(s) => return Ok((s, created)),
-            Err(b) => body = b,
+        if let Some(s) = write_version(t, rt, id, cur.as_ref(), Some(p), ctx)? {
+            return Ok((s, created));
         }
     }
     Err(FhirError::unavailable(format!(
@@ -538,7 +508,7 @@ pub(crate) fn delete<T: TxOps + ?Sized>(
         )));
     }
     // the row exists (and is locked), so the write cannot lose a creation race
-    Ok(write_version(t, rt, id, Some(&cur), None, ctx)?.ok())
+    write_version(t, rt, id, Some(&cur), None, ctx)
 }
 
 /// Physically removes a resource (all versions and index rows).
