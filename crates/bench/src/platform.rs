@@ -276,21 +276,25 @@ fn pg_database_size(url: &str) -> anyhow::Result<u64> {
     Ok(row.get::<_, i64>(0) as u64)
 }
 
-/// Both files of the embedded store, each with its log and shared-memory index.
+/// The files of the embedded store, each with its log and shared-memory index.
 fn sqlite_size(dir: &Path) -> u64 {
     let db = dir.join("tsunagi.db");
-    [tsunagi_store::sqlite::audit_file(&db), db]
-        .into_iter()
-        .flat_map(|f| {
-            ["", "-wal", "-shm"].map(|suffix| {
-                let mut p = f.clone().into_os_string();
-                p.push(suffix);
-                PathBuf::from(p)
-            })
+    [
+        tsunagi_store::sqlite::audit_file(&db),
+        tsunagi_store::sqlite::audit_index_file(&db),
+        db,
+    ]
+    .into_iter()
+    .flat_map(|f| {
+        ["", "-wal", "-shm"].map(|suffix| {
+            let mut p = f.clone().into_os_string();
+            p.push(suffix);
+            PathBuf::from(p)
         })
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum()
+    })
+    .filter_map(|f| std::fs::metadata(f).ok())
+    .map(|m| m.len())
+    .sum()
 }
 
 pub fn run(args: PlatformArgs) -> anyhow::Result<()> {

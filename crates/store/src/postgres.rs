@@ -25,7 +25,7 @@ use tsunagi_fhir::{FhirError, FhirResult};
 use crate::api::*;
 use crate::engine::{self, AuditColumns, Current, CurrentRow, Ops, PreparedResource, Row, TxOps};
 use crate::schema;
-use crate::sql::{self, Built, Dialect, SqlValue, Statements};
+use crate::sql::{self, AuditSource, Built, Dialect, SqlValue, Statements};
 
 /// Prepared statements kept per connection before the cache is reset.
 const STATEMENT_CACHE: usize = 512;
@@ -845,7 +845,11 @@ impl Store for PgStore {
     }
 
     fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>> {
-        let q = sql::audit_query(Dialect::Postgres, &["audit_log"], filter);
+        let q = sql::audit_query(
+            Dialect::Postgres,
+            &[AuditSource::Table("audit_log")],
+            filter,
+        );
         self.with_conn(|o| o.audit_rows(&q))
     }
 

@@ -139,7 +139,8 @@ CREATE INDEX ix_uri_value ON ix_uri (k, value);
 /// (`Store::audit_append`: reads, searches, denials), so that their commits never
 /// touch the data file its readers cache. Its `seq` is the rowid: one b-tree
 /// insertion per record fewer than the data file's `audit_log`.
-pub const SQLITE_AUDIT_FILE: &[&str] = &[r#"
+pub const SQLITE_AUDIT_FILE: &[&str] = &[
+    r#"
 CREATE TABLE audit.audit_log (
     seq INTEGER PRIMARY KEY,
     recorded INTEGER NOT NULL,
@@ -157,6 +158,29 @@ CREATE INDEX audit.audit_log_usr ON audit_log (usr, seq);
 CREATE INDEX audit.audit_log_recorded ON audit_log (recorded);
 CREATE TABLE audit.audit_head (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL);
 INSERT INTO audit.audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+"#,
+    // Version 2: the patient index moves to the audit index file
+    // (`SQLITE_AUDIT_INDEX_FILE`), filled in batches off the read path. A
+    // (patient, seq) entry lands on a random leaf, so every read's audit commit
+    // wrote a page of it to the log: on 100,000 patients this one index cost more
+    // than the rest of the record (docs/DECISIONS.md, "Audit").
+    "DROP INDEX IF EXISTS audit.audit_log_patient;",
+];
+
+/// Migrations of the SQLite backend's audit index file
+/// (`sqlite::audit_index_file`), versioned by its `user_version` like the audit
+/// file. It holds what the audit file's records are looked up by patient with,
+/// derived from them by the store's indexer thread: `audit_patient` has an entry
+/// for every record of the audit file with `seq <= audit_indexed.upto` that names
+/// a patient. Derived data: deleting the file rebuilds it.
+pub const SQLITE_AUDIT_INDEX_FILE: &[&str] = &[r#"
+CREATE TABLE audit_patient (
+    patient TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (patient, seq)
+) WITHOUT ROWID;
+CREATE TABLE audit_indexed (id INTEGER PRIMARY KEY, upto INTEGER NOT NULL);
+INSERT INTO audit_indexed (id, upto) VALUES (1, 0);
 "#];
 
 /// Migrations after which the index tables are rebuilt from the current

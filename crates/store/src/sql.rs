@@ -1195,21 +1195,51 @@ pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 
 /// Audit entries matching the filter, newest first, from `tables` (the SQLite
 /// backend keeps its audit records in two files).
-pub fn audit_query(d: Dialect, tables: &[&str], f: &AuditFilter) -> Built {
+/// Where an auditors' query reads records from.
+#[derive(Clone, Copy, Debug)]
+pub enum AuditSource<'a> {
+    /// A table whose own indexes serve every filter.
+    Table(&'a str),
+    /// A table looked up by patient through `index` (`patient`, `seq`), which
+    /// covers its records up to `upto`; later ones are found in the table itself.
+    PatientIndexed {
+        table: &'a str,
+        index: &'a str,
+        upto: i64,
+    },
+}
+
+/// Auditors' query over `sources`, newest first.
+pub fn audit_query(d: Dialect, sources: &[AuditSource<'_>], f: &AuditFilter) -> Built {
     let mut b = B::new(d);
-    for (i, table) in tables.iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    let mut select = |b: &mut B, table: &str, patient: PatientBy<'_>| {
+        if !first {
             b.s(" UNION ALL ");
         }
+        first = false;
         b.s("SELECT seq, recorded, record, prev_hash, hash FROM ")
             .s(table)
             .s(" WHERE 1 = 1");
-        for (col, v) in [
-            ("patient", &f.patient),
-            ("org", &f.org),
-            ("usr", &f.user),
-            ("purpose", &f.purpose),
-        ] {
+        match (patient, &f.patient) {
+            (_, None) => {}
+            (PatientBy::Column, Some(p)) => {
+                b.s(" AND patient = ").text(p);
+            }
+            (PatientBy::Index { index, upto }, Some(p)) => {
+                b.s(" AND seq IN (SELECT seq FROM ")
+                    .s(index)
+                    .s(" WHERE patient = ")
+                    .text(p)
+                    .s(" AND seq <= ")
+                    .int(upto)
+                    .s(")");
+            }
+            (PatientBy::After(upto), Some(p)) => {
+                b.s(" AND seq > ").int(upto).s(" AND patient = ").text(p);
+            }
+        }
+        for (col, v) in [("org", &f.org), ("usr", &f.user), ("purpose", &f.purpose)] {
             if let Some(v) = v {
                 b.s(" AND ").s(col).s(" = ").text(v);
             }
@@ -1223,6 +1253,18 @@ pub fn audit_query(d: Dialect, tables: &[&str], f: &AuditFilter) -> Built {
         if let Some(a) = f.after_seq {
             b.s(" AND seq > ").int(a);
         }
+    };
+    for source in sources {
+        match *source {
+            AuditSource::Table(table) => select(&mut b, table, PatientBy::Column),
+            AuditSource::PatientIndexed { table, .. } if f.patient.is_none() => {
+                select(&mut b, table, PatientBy::Column)
+            }
+            AuditSource::PatientIndexed { table, index, upto } => {
+                select(&mut b, table, PatientBy::Index { index, upto });
+                select(&mut b, table, PatientBy::After(upto));
+            }
+        }
     }
     let limit = if f.limit == 0 {
         DEFAULT_AUDIT_LIMIT
@@ -1231,6 +1273,17 @@ pub fn audit_query(d: Dialect, tables: &[&str], f: &AuditFilter) -> Built {
     };
     b.s(" ORDER BY seq DESC LIMIT ").int(to_i64(limit));
     b.done()
+}
+
+/// How one branch of [`audit_query`] matches the patient.
+#[derive(Clone, Copy)]
+enum PatientBy<'a> {
+    /// By the table's own `patient` column.
+    Column,
+    /// Through the separate index, for records up to `upto`.
+    Index { index: &'a str, upto: i64 },
+    /// By the column, for the records after `upto` (not yet in the index).
+    After(i64),
 }
 
 fn to_i64(n: usize) -> i64 {

@@ -15,9 +15,19 @@
 //! any commit to a file makes every reader connection of that file drop its page
 //! cache, and each read commits its audit record; in their own file, those
 //! commits leave the readers' caches of the data warm (docs/DECISIONS.md).
+//!
+//! A third file, the audit index file ([`audit_index_file`]), holds the audit
+//! file's records by patient. An indexer thread fills it in batches of up to
+//! `INDEX_BATCH` records, so that a read's audit commit does not write a random
+//! leaf of a patient index; records it has not reached yet are found by scanning
+//! the audit file's tail ([`AuditSource::PatientIndexed`]). It is derived data:
+//! deleting it (or finding it ahead of the audit file) rebuilds it.
+
+mod audit_index;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -29,7 +39,7 @@ use tsunagi_fhir::{FhirError, FhirResult};
 use crate::api::*;
 use crate::engine::{self, AuditColumns, Current, CurrentRow, Ops, PreparedResource, Row, TxOps};
 use crate::schema;
-use crate::sql::{self, Built, Dialect, SqlValue, Statements};
+use crate::sql::{self, AuditSource, Built, Dialect, SqlValue, Statements};
 
 /// Prepared statements cached per connection (rusqlite's default of 16 is
 /// fewer than the write path alone uses).
@@ -94,18 +104,45 @@ pub fn audit_file(path: &Path) -> PathBuf {
     path.with_extension("audit.db")
 }
 
+/// Schema name of the attached audit index file on reader connections.
+const AUDIT_INDEX_SCHEMA: &str = "auditidx";
+
+/// The audit index file of the database at `path`: `tsunagi.db` →
+/// `tsunagi.audit-index.db`. Derived from the audit file; backing it up is
+/// optional (a store rebuilds it when it is missing).
+pub fn audit_index_file(path: &Path) -> PathBuf {
+    path.with_extension("audit-index.db")
+}
+
+/// Records the indexer moves into the patient index per transaction at most.
+const INDEX_BATCH: i64 = 20_000;
+/// How long the indexer lets records gather after the first one arrives: larger
+/// batches share the index pages they touch.
+const INDEX_DELAY: Duration = Duration::from_millis(250);
+
 /// The chain's head: the later of the two files' heads.
 const AUDIT_HEAD: &str = "SELECT seq, hash FROM main.audit_head WHERE id = 1 \
      UNION ALL SELECT seq, hash FROM audit.audit_head WHERE id = 1 ORDER BY seq DESC LIMIT 1";
 const AUDIT_FILE_INSERT: &str = "INSERT INTO audit.audit_log (seq, recorded, record, prev_hash, hash, patient, org, usr, purpose) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 const AUDIT_FILE_SET_HEAD: &str = "UPDATE audit.audit_head SET seq = ?1, hash = ?2 WHERE id = 1";
+/// How far the audit index file covers the audit file.
+const AUDIT_INDEXED: &str = "SELECT upto FROM auditidx.audit_indexed WHERE id = 1";
 /// Records after a seq from both files, in chain order.
 const AUDIT_SCAN: &str = "SELECT seq, recorded, record, prev_hash, hash FROM main.audit_log WHERE seq > ?1 \
      UNION ALL SELECT seq, recorded, record, prev_hash, hash FROM audit.audit_log WHERE seq > ?1 \
      ORDER BY seq LIMIT ?2";
-/// The tables an audit query reads.
-const AUDIT_TABLES: &[&str] = &["main.audit_log", "audit.audit_log"];
+/// What an audit query reads, the audit file's index covering it up to `upto`.
+fn audit_sources(upto: i64) -> [AuditSource<'static>; 2] {
+    [
+        AuditSource::Table("main.audit_log"),
+        AuditSource::PatientIndexed {
+            table: "audit.audit_log",
+            index: "auditidx.audit_patient",
+            upto,
+        },
+    ]
+}
 
 /// Which file a transaction's audit records go to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -129,29 +166,38 @@ fn attach_audit(c: &Connection, file: &Path) -> FhirResult<()> {
 
 /// Creates or upgrades the attached audit file's schema (its `user_version`).
 fn migrate_audit_file(c: &Connection) -> FhirResult<()> {
-    c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.journal_mode = WAL;"))
+    migrate_by_user_version(c, AUDIT_SCHEMA, schema::SQLITE_AUDIT_FILE, "audit file")
+}
+
+/// Applies the `migrations` (version = index + 1) that database `db` of `c` has
+/// not had yet, by its `user_version`, in one transaction.
+fn migrate_by_user_version(
+    c: &Connection,
+    db: &str,
+    migrations: &[&str],
+    what: &str,
+) -> FhirResult<()> {
+    c.execute_batch(&format!("PRAGMA {db}.journal_mode = WAL;"))
         .map_err(db_err)?;
     immediate(c, || {
         let current: i64 = c
-            .query_row(&format!("PRAGMA {AUDIT_SCHEMA}.user_version"), [], |r| {
-                r.get(0)
-            })
+            .query_row(&format!("PRAGMA {db}.user_version"), [], |r| r.get(0))
             .map_err(db_err)?;
-        let known = schema::SQLITE_AUDIT_FILE.len() as i64;
+        let known = migrations.len() as i64;
         if current > known {
             return Err(FhirError::internal(format!(
-                "the audit file has schema version {current}; this build knows up to {known}"
+                "the {what} has schema version {current}; this build knows up to {known}"
             )));
         }
-        for (i, ddl) in schema::SQLITE_AUDIT_FILE.iter().enumerate() {
+        for (i, ddl) in migrations.iter().enumerate() {
             let version = i as i64 + 1;
             if version <= current {
                 continue;
             }
             c.execute_batch(ddl).map_err(db_err)?;
-            c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.user_version = {version}"))
+            c.execute_batch(&format!("PRAGMA {db}.user_version = {version}"))
                 .map_err(db_err)?;
-            tracing::info!(version, "sqlite audit file migration applied");
+            tracing::info!(version, what, "sqlite migration applied");
         }
         Ok(())
     })
@@ -180,6 +226,9 @@ pub struct SqliteStore {
     readers: Mutex<ReaderPool>,
     reader_free: Condvar,
     st: Statements,
+    audit_index_path: PathBuf,
+    /// Fills the audit index file; stopped when the store is dropped.
+    indexer: audit_index::AuditIndexer,
 }
 
 pub(crate) fn db_err(e: rusqlite::Error) -> FhirError {
@@ -251,6 +300,8 @@ impl SqliteStore {
             .map_err(db_err)?;
         configure(&audit_writer)?;
         attach_audit(&audit_writer, &audit_path)?;
+        let audit_index_path = audit_index_file(path);
+        let indexer = audit_index::AuditIndexer::start(&audit_index_path, &audit_path)?;
 
         let store = SqliteStore {
             path: path.to_path_buf(),
@@ -264,6 +315,8 @@ impl SqliteStore {
             }),
             reader_free: Condvar::new(),
             st,
+            audit_index_path,
+            indexer,
         };
         // Open one reader now so a bad path or permission fails at startup.
         let r = store.reader()?;
@@ -283,7 +336,24 @@ impl SqliteStore {
         .map_err(db_err)?;
         configure(&c)?;
         attach_audit(&c, &self.audit_path)?;
+        let index = self
+            .audit_index_path
+            .to_str()
+            .ok_or_else(|| FhirError::internal("the audit index file's path is not UTF-8"))?;
+        c.execute(
+            &format!("ATTACH DATABASE ?1 AS {AUDIT_INDEX_SCHEMA}"),
+            [index],
+        )
+        .map_err(db_err)?;
         Ok(c)
+    }
+
+    /// Adds every audit record stored so far to the audit index file now, rather
+    /// than when the indexer thread next runs. Queries do not need it (they read
+    /// what the index does not cover yet from the audit file); tests and tools do,
+    /// to reach the indexed state.
+    pub fn index_audit_now(&self) -> FhirResult<()> {
+        self.indexer.catch_up()
     }
 
     /// An idle reader, a new one while fewer than [`MAX_READERS`] are open, or
@@ -1003,6 +1073,7 @@ impl Store for SqliteStore {
         });
         let out = tx.audit_append(records)?;
         tx.commit()?;
+        self.indexer.notify();
         Ok(out)
     }
 
@@ -1018,8 +1089,17 @@ impl Store for SqliteStore {
     }
 
     fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>> {
-        let q = sql::audit_query(Dialect::Sqlite, AUDIT_TABLES, filter);
-        self.with_reader(|o| audit_rows(o.conn, &q))
+        self.with_reader(|o| {
+            // `upto` first: from then on the index holds every record up to it (it
+            // only grows), and the query takes the later ones from the audit file
+            let upto: i64 = o
+                .conn
+                .prepare_cached(AUDIT_INDEXED)
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db_err)?;
+            let q = sql::audit_query(Dialect::Sqlite, &audit_sources(upto), filter);
+            audit_rows(o.conn, &q)
+        })
     }
 
     fn put_client_key(&self, key: &ClientKey) -> FhirResult<()> {

@@ -20,6 +20,11 @@ impl Harness for TempSqlite {
     fn standalone_audit_table(&self) -> &'static str {
         tsunagi_store::sqlite::STANDALONE_AUDIT_TABLE
     }
+    fn settle_audit(&self) {
+        self.store
+            .index_audit_now()
+            .expect("index the audit records");
+    }
 }
 
 fn make() -> Option<Box<dyn Harness>> {
@@ -231,4 +236,114 @@ fn a_database_migrated_by_a_newer_build_is_refused() {
         e.to_string().contains(&format!("schema version {newer}")),
         "{e}"
     );
+}
+
+/// Seqs of the audit records naming `patient`, newest first.
+fn audit_of(s: &SqliteStore, patient: &str) -> Vec<i64> {
+    s.audit_query(&tsunagi_store::AuditFilter {
+        patient: Some(patient.into()),
+        ..Default::default()
+    })
+    .unwrap()
+    .iter()
+    .map(|e| e.seq)
+    .collect()
+}
+
+fn append_for(s: &SqliteStore, patients: &[&str]) {
+    let records: Vec<_> = patients
+        .iter()
+        .map(|p| serde_json::json!({"action": "read", "patient": p}))
+        .collect();
+    s.audit_append(&records).unwrap();
+}
+
+#[test]
+fn the_indexer_thread_indexes_reads_audit_records_by_patient() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tsunagi.db");
+    let s = SqliteStore::open(&path).unwrap();
+    for i in 0..50 {
+        append_for(&s, &[&format!("p{}", i % 5)]);
+    }
+    let index = rusqlite::Connection::open(tsunagi_store::sqlite::audit_index_file(&path)).unwrap();
+    let covered = |c: &rusqlite::Connection| -> (i64, i64) {
+        c.query_row(
+            "SELECT (SELECT upto FROM audit_indexed), (SELECT count(*) FROM audit_patient)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    // no call into the store: the thread does it
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while covered(&index) != (50, 50) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the indexer did not cover the records: {:?}",
+            covered(&index)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        audit_of(&s, "p3"),
+        vec![49, 44, 39, 34, 29, 24, 19, 14, 9, 4]
+    );
+    // and the audit file itself no longer keeps a patient index
+    let audit = rusqlite::Connection::open(tsunagi_store::sqlite::audit_file(&path)).unwrap();
+    let indexes: Vec<String> = audit
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit_log'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        !indexes.iter().any(|n| n.contains("patient")),
+        "{indexes:?}"
+    );
+}
+
+#[test]
+fn a_missing_or_stale_audit_index_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tsunagi.db");
+    let audit = tsunagi_store::sqlite::audit_file(&path);
+    let older = dir.path().join("older.audit.db");
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        append_for(&s, &["p1", "p2", "p1", "p2", "p1", "p2"]);
+        s.index_audit_now().unwrap();
+    }
+    std::fs::copy(&audit, &older).unwrap();
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        append_for(&s, &["p1", "p1", "p1", "p1"]);
+        s.index_audit_now().unwrap();
+        assert_eq!(audit_of(&s, "p1"), vec![10, 9, 8, 7, 5, 3, 1]);
+    }
+    // the audit file restored from the older backup, the index file not: the
+    // index claims seqs 7-10, which the next records reuse for another patient
+    for ext in ["db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(audit.with_extension(ext));
+    }
+    std::fs::copy(&older, &audit).unwrap();
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        append_for(&s, &["p2", "p2"]);
+        assert_eq!(audit_of(&s, "p2"), vec![8, 7, 6, 4, 2]);
+        assert_eq!(audit_of(&s, "p1"), vec![5, 3, 1]);
+        s.index_audit_now().unwrap();
+        assert_eq!(audit_of(&s, "p2"), vec![8, 7, 6, 4, 2]);
+        assert_eq!(audit_of(&s, "p1"), vec![5, 3, 1]);
+        let report = tsunagi_store::audit::verify_chain(tsunagi_store::audit::scan_all(&s));
+        assert!(report.ok(), "{report:?}");
+    }
+    // the index file lost: rebuilt from the audit file
+    std::fs::remove_file(tsunagi_store::sqlite::audit_index_file(&path)).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(audit_of(&s, "p2"), vec![8, 7, 6, 4, 2]);
+    s.index_audit_now().unwrap();
+    assert_eq!(audit_of(&s, "p2"), vec![8, 7, 6, 4, 2]);
+    assert_eq!(audit_of(&s, "p1"), vec![5, 3, 1]);
 }
