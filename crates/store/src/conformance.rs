@@ -1714,7 +1714,36 @@ pub fn audit_query_filters(h: &dyn Harness) {
         }),
         vec![3]
     );
+    // every other index of a background indexer, before and after it has them
+    let others = || {
+        assert_eq!(
+            q(AuditFilter {
+                org: Some("C".into()),
+                ..Default::default()
+            }),
+            vec![6]
+        );
+        assert_eq!(
+            q(AuditFilter {
+                org: Some("A".into()),
+                user: Some("u2".into()),
+                ..Default::default()
+            }),
+            vec![2]
+        );
+        assert_eq!(
+            q(AuditFilter {
+                since: Some(t0),
+                until: Some(Utc::now()),
+                limit: 4,
+                ..Default::default()
+            }),
+            vec![6, 5, 4, 3]
+        );
+    };
+    others();
     h.settle_audit();
+    others();
     assert_eq!(p1(), vec![6, 4, 3, 1]);
     assert_eq!(
         q(AuditFilter {

@@ -163,17 +163,24 @@ INSERT INTO audit.audit_head (id, seq, hash) VALUES (1, 0, '00000000000000000000
     // (`SQLITE_AUDIT_INDEX_FILE`), filled in batches off the read path. A
     // (patient, seq) entry lands on a random leaf, so every read's audit commit
     // wrote a page of it to the log: on 100,000 patients this one index cost more
-    // than the rest of the record (docs/DECISIONS.md, "Audit").
+    // than the rest of the record (docs/DECISIONS.md, "SQLite: the audit file's
+    // indexes filled off the read path").
     "DROP INDEX IF EXISTS audit.audit_log_patient;",
+    // Version 3: the other three indexes follow. They take their entries on a few
+    // hot leaves, but each group commit still wrote those leaves to the log.
+    "DROP INDEX IF EXISTS audit.audit_log_org; DROP INDEX IF EXISTS audit.audit_log_usr; \
+     DROP INDEX IF EXISTS audit.audit_log_recorded;",
 ];
 
 /// Migrations of the SQLite backend's audit index file
 /// (`sqlite::audit_index_file`), versioned by its `user_version` like the audit
-/// file. It holds what the audit file's records are looked up by patient with,
-/// derived from them by the store's indexer thread: `audit_patient` has an entry
-/// for every record of the audit file with `seq <= audit_indexed.upto` that names
-/// a patient. Derived data: deleting the file rebuilds it.
-pub const SQLITE_AUDIT_INDEX_FILE: &[&str] = &[r#"
+/// file. It holds what the audit file's records are looked up by, derived from
+/// them by the store's indexer thread: each `audit_<key>` table (`patient`, `org`,
+/// `usr`, `recorded`) has an entry `(key, seq)` for every record of the audit file
+/// with `seq <= audit_indexed.upto` whose key is set. Derived data: deleting the
+/// file rebuilds it.
+pub const SQLITE_AUDIT_INDEX_FILE: &[&str] = &[
+    r#"
 CREATE TABLE audit_patient (
     patient TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -181,7 +188,17 @@ CREATE TABLE audit_patient (
 ) WITHOUT ROWID;
 CREATE TABLE audit_indexed (id INTEGER PRIMARY KEY, upto INTEGER NOT NULL);
 INSERT INTO audit_indexed (id, upto) VALUES (1, 0);
-"#];
+"#,
+    // Version 2: by organisation, user and time too (the audit file's version 3).
+    // The new tables are filled from the start: the whole index is rebuilt.
+    r#"
+CREATE TABLE audit_org (org TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (org, seq)) WITHOUT ROWID;
+CREATE TABLE audit_usr (usr TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (usr, seq)) WITHOUT ROWID;
+CREATE TABLE audit_recorded (recorded INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (recorded, seq)) WITHOUT ROWID;
+DELETE FROM audit_patient;
+UPDATE audit_indexed SET upto = 0 WHERE id = 1;
+"#,
+];
 
 /// Migrations after which the index tables are rebuilt from the current
 /// resources, in the same transaction: their shape or their keys changed.

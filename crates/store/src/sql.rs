@@ -1200,90 +1200,159 @@ pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 pub enum AuditSource<'a> {
     /// A table whose own indexes serve every filter.
     Table(&'a str),
-    /// A table looked up by patient through `index` (`patient`, `seq`), which
-    /// covers its records up to `upto`; later ones are found in the table itself.
-    PatientIndexed {
+    /// A table with no index but its `seq`, whose records up to `upto` are found
+    /// through the tables `audit_patient`, `audit_usr`, `audit_org` and
+    /// `audit_recorded` of `schema` (each keyed `(key, seq)`); later records by
+    /// scanning the table's tail.
+    Indexed {
         table: &'a str,
-        index: &'a str,
+        schema: &'a str,
         upto: i64,
     },
 }
 
-/// Auditors' query over `sources`, newest first.
+/// Auditors' query over `sources`, newest first. Every branch applies all of the
+/// filter to the records themselves; an index only chooses which to look at.
 pub fn audit_query(d: Dialect, sources: &[AuditSource<'_>], f: &AuditFilter) -> Built {
-    let mut b = B::new(d);
-    let mut first = true;
-    let mut select = |b: &mut B, table: &str, patient: PatientBy<'_>| {
-        if !first {
-            b.s(" UNION ALL ");
-        }
-        first = false;
-        b.s("SELECT seq, recorded, record, prev_hash, hash FROM ")
-            .s(table)
-            .s(" WHERE 1 = 1");
-        match (patient, &f.patient) {
-            (_, None) => {}
-            (PatientBy::Column, Some(p)) => {
-                b.s(" AND patient = ").text(p);
-            }
-            (PatientBy::Index { index, upto }, Some(p)) => {
-                b.s(" AND seq IN (SELECT seq FROM ")
-                    .s(index)
-                    .s(" WHERE patient = ")
-                    .text(p)
-                    .s(" AND seq <= ")
-                    .int(upto)
-                    .s(")");
-            }
-            (PatientBy::After(upto), Some(p)) => {
-                b.s(" AND seq > ").int(upto).s(" AND patient = ").text(p);
-            }
-        }
-        for (col, v) in [("org", &f.org), ("usr", &f.user), ("purpose", &f.purpose)] {
-            if let Some(v) = v {
-                b.s(" AND ").s(col).s(" = ").text(v);
-            }
-        }
-        if let Some(s) = &f.since {
-            b.s(" AND recorded >= ").int(s.timestamp_millis());
-        }
-        if let Some(u) = &f.until {
-            b.s(" AND recorded <= ").int(u.timestamp_millis());
-        }
-        if let Some(a) = f.after_seq {
-            b.s(" AND seq > ").int(a);
-        }
-    };
-    for source in sources {
-        match *source {
-            AuditSource::Table(table) => select(&mut b, table, PatientBy::Column),
-            AuditSource::PatientIndexed { table, .. } if f.patient.is_none() => {
-                select(&mut b, table, PatientBy::Column)
-            }
-            AuditSource::PatientIndexed { table, index, upto } => {
-                select(&mut b, table, PatientBy::Index { index, upto });
-                select(&mut b, table, PatientBy::After(upto));
-            }
-        }
-    }
-    let limit = if f.limit == 0 {
+    let limit = to_i64(if f.limit == 0 {
         DEFAULT_AUDIT_LIMIT
     } else {
         f.limit
-    };
-    b.s(" ORDER BY seq DESC LIMIT ").int(to_i64(limit));
+    });
+    let mut b = B::new(d);
+    let mut branches = 0;
+    for source in sources {
+        match *source {
+            AuditSource::Table(table) => audit_branch(&mut b, &mut branches, table, None, f, limit),
+            AuditSource::Indexed {
+                table,
+                schema,
+                upto,
+            } => match audit_index_for(f) {
+                Some((index, column, value)) => {
+                    let by = IndexedBy {
+                        schema,
+                        index,
+                        column,
+                        value,
+                        upto,
+                    };
+                    audit_branch(&mut b, &mut branches, table, Some(by), f, limit);
+                    audit_branch(&mut b, &mut branches, table, None, &after(f, upto), limit);
+                }
+                None => audit_branch(&mut b, &mut branches, table, None, f, limit),
+            },
+        }
+    }
+    b.s(" ORDER BY seq DESC LIMIT ").int(limit);
     b.done()
 }
 
-/// How one branch of [`audit_query`] matches the patient.
+/// The most selective of an audit file's indexes for `f`: its table, column and
+/// the value looked up (None: the time range `since`..`until` on `recorded`).
+fn audit_index_for(f: &AuditFilter) -> Option<(&'static str, &'static str, Option<&str>)> {
+    if let Some(p) = &f.patient {
+        Some(("audit_patient", "patient", Some(p)))
+    } else if let Some(u) = &f.user {
+        Some(("audit_usr", "usr", Some(u)))
+    } else if let Some(o) = &f.org {
+        Some(("audit_org", "org", Some(o)))
+    } else if f.since.is_some() || f.until.is_some() {
+        Some(("audit_recorded", "recorded", None))
+    } else {
+        None
+    }
+}
+
+/// `f` restricted to the records after `upto`.
+fn after(f: &AuditFilter, upto: i64) -> AuditFilter {
+    AuditFilter {
+        after_seq: Some(f.after_seq.map_or(upto, |a| a.max(upto))),
+        ..f.clone()
+    }
+}
+
+/// An index that drives one branch of [`audit_query`], covering seqs up to `upto`.
 #[derive(Clone, Copy)]
-enum PatientBy<'a> {
-    /// By the table's own `patient` column.
-    Column,
-    /// Through the separate index, for records up to `upto`.
-    Index { index: &'a str, upto: i64 },
-    /// By the column, for the records after `upto` (not yet in the index).
-    After(i64),
+struct IndexedBy<'a> {
+    schema: &'a str,
+    index: &'a str,
+    column: &'a str,
+    /// The key looked up; None for the time range of `recorded`.
+    value: Option<&'a str>,
+    upto: i64,
+}
+
+/// One `UNION ALL` branch: its own newest `limit` records (so that it can stop
+/// early), filtered on the record's columns.
+fn audit_branch(
+    b: &mut B,
+    branches: &mut usize,
+    table: &str,
+    by: Option<IndexedBy<'_>>,
+    f: &AuditFilter,
+    limit: i64,
+) {
+    if *branches > 0 {
+        b.s(" UNION ALL ");
+    }
+    let alias = format!("a{branches}");
+    *branches += 1;
+    b.s("SELECT * FROM (SELECT l.seq, l.recorded, l.record, l.prev_hash, l.hash FROM ")
+        .s(table)
+        .s(" l");
+    let order = match by {
+        Some(i) => {
+            b.s(" JOIN ")
+                .s(i.schema)
+                .s(".")
+                .s(i.index)
+                .s(" i ON i.seq = l.seq AND i.seq <= ")
+                .int(i.upto);
+            match i.value {
+                Some(v) => {
+                    b.s(" AND i.").s(i.column).s(" = ").text(v);
+                }
+                None => {
+                    if let Some(s) = &f.since {
+                        b.s(" AND i.recorded >= ").int(s.timestamp_millis());
+                    }
+                    if let Some(u) = &f.until {
+                        b.s(" AND i.recorded <= ").int(u.timestamp_millis());
+                    }
+                }
+            }
+            // newest first along the index, so that the branch can stop at `limit`
+            "i.seq"
+        }
+        None => "l.seq",
+    };
+    b.s(" WHERE 1 = 1");
+    for (col, v) in [
+        ("patient", &f.patient),
+        ("org", &f.org),
+        ("usr", &f.user),
+        ("purpose", &f.purpose),
+    ] {
+        if let Some(v) = v {
+            b.s(" AND l.").s(col).s(" = ").text(v);
+        }
+    }
+    if let Some(s) = &f.since {
+        b.s(" AND l.recorded >= ").int(s.timestamp_millis());
+    }
+    if let Some(u) = &f.until {
+        b.s(" AND l.recorded <= ").int(u.timestamp_millis());
+    }
+    if let Some(a) = f.after_seq {
+        b.s(" AND l.seq > ").int(a);
+    }
+    b.s(" ORDER BY ")
+        .s(order)
+        .s(" DESC LIMIT ")
+        .int(limit)
+        .s(") ")
+        .s(&alias);
 }
 
 fn to_i64(n: usize) -> i64 {

@@ -16,12 +16,13 @@
 //! cache, and each read commits its audit record; in their own file, those
 //! commits leave the readers' caches of the data warm (docs/DECISIONS.md).
 //!
-//! A third file, the audit index file ([`audit_index_file`]), holds the audit
-//! file's records by patient. An indexer thread fills it in batches of up to
-//! `INDEX_BATCH` records, so that a read's audit commit does not write a random
-//! leaf of a patient index; records it has not reached yet are found by scanning
-//! the audit file's tail ([`AuditSource::PatientIndexed`]). It is derived data:
-//! deleting it (or finding it ahead of the audit file) rebuilds it.
+//! A third file, the audit index file ([`audit_index_file`]), holds the indexes
+//! of the audit file's records (by patient, organisation, user and time). An
+//! indexer thread fills it in batches of up to `INDEX_BATCH` records, so that a
+//! read's audit commit writes only the table's last page and the head; records it
+//! has not reached yet are found by scanning the audit file's tail
+//! ([`AuditSource::Indexed`]). It is derived data: deleting it (or finding it ahead
+//! of the audit file) rebuilds it.
 
 mod audit_index;
 
@@ -114,7 +115,7 @@ pub fn audit_index_file(path: &Path) -> PathBuf {
     path.with_extension("audit-index.db")
 }
 
-/// Records the indexer moves into the patient index per transaction at most.
+/// Records the indexer adds to the indexes per transaction at most.
 const INDEX_BATCH: i64 = 20_000;
 /// How long the indexer lets records gather after the first one arrives: larger
 /// batches share the index pages they touch.
@@ -136,9 +137,9 @@ const AUDIT_SCAN: &str = "SELECT seq, recorded, record, prev_hash, hash FROM mai
 fn audit_sources(upto: i64) -> [AuditSource<'static>; 2] {
     [
         AuditSource::Table("main.audit_log"),
-        AuditSource::PatientIndexed {
+        AuditSource::Indexed {
             table: "audit.audit_log",
-            index: "auditidx.audit_patient",
+            schema: AUDIT_INDEX_SCHEMA,
             upto,
         },
     ]

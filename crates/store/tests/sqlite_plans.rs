@@ -312,3 +312,82 @@ fn id_lists_are_looked_up() {
         "{p}"
     );
 }
+
+#[test]
+fn audit_queries_walk_an_index_and_the_unindexed_tail() {
+    use tsunagi_store::AuditFilter;
+    use tsunagi_store::sql::AuditSource;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plans.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    for (file, name) in [
+        (tsunagi_store::sqlite::audit_file(&path), "audit"),
+        (tsunagi_store::sqlite::audit_index_file(&path), "auditidx"),
+    ] {
+        c.execute(
+            &format!("ATTACH DATABASE ?1 AS {name}"),
+            [file.to_str().unwrap()],
+        )
+        .unwrap();
+    }
+    let sources = [
+        AuditSource::Table("main.audit_log"),
+        AuditSource::Indexed {
+            table: "audit.audit_log",
+            schema: "auditidx",
+            upto: 1000,
+        },
+    ];
+    let at = chrono::Utc::now();
+    for (filter, key) in [
+        (
+            AuditFilter {
+                patient: Some("p1".into()),
+                org: Some("1311234567".into()),
+                ..Default::default()
+            },
+            "patient=?",
+        ),
+        (
+            AuditFilter {
+                user: Some("u1".into()),
+                ..Default::default()
+            },
+            "usr=?",
+        ),
+        (
+            AuditFilter {
+                org: Some("1311234567".into()),
+                purpose: Some("treatment".into()),
+                ..Default::default()
+            },
+            "org=?",
+        ),
+        (
+            AuditFilter {
+                since: Some(at),
+                until: Some(at),
+                ..Default::default()
+            },
+            "recorded>? AND recorded<?",
+        ),
+    ] {
+        let p = plan(&c, &sql::audit_query(Dialect::Sqlite, &sources, &filter));
+        // each branch is a co-routine the merge scans (`SCAN a1`); no table is scanned
+        assert!(
+            !p.lines()
+                .any(|l| l.starts_with("SCAN ") && !l.starts_with("SCAN a")),
+            "{filter:?}:\n{p}"
+        );
+        assert!(
+            p.contains(&format!("SEARCH i USING PRIMARY KEY ({key}")),
+            "{filter:?}:\n{p}"
+        );
+        // the tail after `upto`, by the audit file's rowid
+        assert!(
+            p.contains("SEARCH l USING INTEGER PRIMARY KEY (rowid>?)"),
+            "{filter:?}:\n{p}"
+        );
+    }
+}

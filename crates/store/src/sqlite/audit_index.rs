@@ -1,18 +1,18 @@
 //! The audit index file and the thread that fills it.
 //!
 //! The audit file's records are looked up by patient (a patient's own access
-//! history, an auditor's query). Kept as an index of the audit file itself, each
-//! read's audit commit inserted into a random leaf of it and wrote that page to
-//! the log; measured on 100,000 patients, that was a quarter of a read's CPU and
-//! most of its audit commit (docs/BENCHMARKS.md, "Session 12"). Here the entries
-//! are added by one thread, in batches sorted by patient, in a file of its own,
-//! so the commits of reads never wait for them and a batch writes each page it
-//! touches once.
+//! history), organisation, user and time (auditors). Kept as indexes of the audit
+//! file itself, each read's group commit wrote a page of each to the log: a random
+//! leaf of the patient index per record, and the hot leaves of the others per
+//! commit; measured on 100,000 patients, that was most of a read's audit commit
+//! (docs/BENCHMARKS.md, "Session 12"). Here the entries are added by one thread, in
+//! batches sorted by key, in a file of its own, so the commits of reads never wait
+//! for them and a batch writes each page it touches once.
 //!
-//! Invariant: `audit_patient` holds an entry for every record of the audit file
-//! with `seq <= audit_indexed.upto` that names a patient, and `upto` only moves
-//! in the transaction that added those entries. Queries take records after `upto`
-//! from the audit file itself, so a record is found by patient from the moment its
+//! Invariant: each `audit_<key>` table holds an entry for every record of the
+//! audit file with `seq <= audit_indexed.upto` whose key is set, and `upto` only
+//! moves in the transaction that added those entries. Queries take records after
+//! `upto` from the audit file itself, so a record is found from the moment its
 //! append returns.
 
 use std::path::Path;
@@ -29,7 +29,7 @@ use super::{
 use crate::schema;
 
 /// Page cache of the indexer's connection, in KiB: the upper levels and the
-/// recently touched leaves of the patient index.
+/// recently touched leaves of the indexes.
 const INDEXER_CACHE_KIB: u32 = 32_768;
 /// Pause after a failed pass (e.g. another process's indexer holding the file).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -169,6 +169,19 @@ fn run(shared: &Shared) {
     }
 }
 
+/// One statement per index table, for the records in (`?1`, `?2`], in key order
+/// so that neighbouring entries share the leaves they fill.
+const INSERTS: [&str; 4] = [
+    "INSERT OR IGNORE INTO main.audit_patient (patient, seq) SELECT patient, seq \
+     FROM audit.audit_log WHERE seq > ?1 AND seq <= ?2 AND patient IS NOT NULL ORDER BY 1, 2",
+    "INSERT OR IGNORE INTO main.audit_org (org, seq) SELECT org, seq \
+     FROM audit.audit_log WHERE seq > ?1 AND seq <= ?2 AND org IS NOT NULL ORDER BY 1, 2",
+    "INSERT OR IGNORE INTO main.audit_usr (usr, seq) SELECT usr, seq \
+     FROM audit.audit_log WHERE seq > ?1 AND seq <= ?2 AND usr IS NOT NULL ORDER BY 1, 2",
+    "INSERT OR IGNORE INTO main.audit_recorded (recorded, seq) SELECT recorded, seq \
+     FROM audit.audit_log WHERE seq > ?1 AND seq <= ?2 ORDER BY 1, 2",
+];
+
 /// Adds the next records after `upto` (at most [`INDEX_BATCH`]) to the index in
 /// one transaction; returns how many records it covered.
 fn pass(c: &Connection) -> FhirResult<i64> {
@@ -192,14 +205,11 @@ fn pass(c: &Connection) -> FhirResult<i64> {
         let Some(last) = last else {
             return Ok(0);
         };
-        // in key order, so that neighbouring entries share the leaves they fill
-        c.prepare_cached(
-            "INSERT OR IGNORE INTO main.audit_patient (patient, seq) \
-             SELECT patient, seq FROM audit.audit_log \
-             WHERE seq > ?1 AND seq <= ?2 AND patient IS NOT NULL ORDER BY patient, seq",
-        )
-        .and_then(|mut s| s.execute(params![upto, last]))
-        .map_err(db_err)?;
+        for insert in INSERTS {
+            c.prepare_cached(insert)
+                .and_then(|mut s| s.execute(params![upto, last]))
+                .map_err(db_err)?;
+        }
         c.prepare_cached("UPDATE main.audit_indexed SET upto = ?1 WHERE id = 1")
             .and_then(|mut s| s.execute([last]))
             .map_err(db_err)?;
@@ -238,7 +248,8 @@ fn rebuild_if_ahead(c: &Connection) -> FhirResult<()> {
             "the audit index file covers records the audit file does not have; rebuilding it"
         );
         c.execute_batch(
-            "BEGIN; DELETE FROM main.audit_patient; \
+            "BEGIN; DELETE FROM main.audit_patient; DELETE FROM main.audit_org; \
+             DELETE FROM main.audit_usr; DELETE FROM main.audit_recorded; \
              UPDATE main.audit_indexed SET upto = 0 WHERE id = 1; COMMIT;",
         )
         .map_err(db_err)?;
