@@ -1193,9 +1193,8 @@ pub fn history(d: Dialect, q: &HistoryQuery) -> Built {
 /// Page size used when an audit query asks for `limit == 0`.
 pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 
-/// Audit entries matching the filter, newest first, from `tables` (the SQLite
-/// backend keeps its audit records in two files).
-/// Where an auditors' query reads records from.
+/// Where an auditors' query reads records from (the SQLite backend keeps its
+/// audit records in two files, and indexes one of them in a third).
 #[derive(Clone, Copy, Debug)]
 pub enum AuditSource<'a> {
     /// A table whose own indexes serve every filter.
