@@ -133,7 +133,7 @@ const AUDIT_INDEXED: &str = "SELECT upto FROM auditidx.audit_indexed WHERE id = 
 const AUDIT_SCAN: &str = "SELECT seq, recorded, record, prev_hash, hash FROM main.audit_log WHERE seq > ?1 \
      UNION ALL SELECT seq, recorded, record, prev_hash, hash FROM audit.audit_log WHERE seq > ?1 \
      ORDER BY seq LIMIT ?2";
-/// What an audit query reads, the audit file's index covering it up to `upto`.
+/// What an audit query reads; the audit index file covers the audit file up to `upto`.
 fn audit_sources(upto: i64) -> [AuditSource<'static>; 2] {
     [
         AuditSource::Table("main.audit_log"),
