@@ -1228,12 +1228,11 @@ pub fn audit_query(d: Dialect, sources: &[AuditSource<'_>], f: &AuditFilter) -> 
                 schema,
                 upto,
             } => match audit_index_for(f) {
-                Some((index, column, value)) => {
+                Some((index, key)) => {
                     let by = IndexedBy {
                         schema,
                         index,
-                        column,
-                        value,
+                        key,
                         upto,
                     };
                     audit_branch(&mut b, &mut branches, table, Some(by), f, limit);
@@ -1247,17 +1246,17 @@ pub fn audit_query(d: Dialect, sources: &[AuditSource<'_>], f: &AuditFilter) -> 
     b.done()
 }
 
-/// The most selective of an audit file's indexes for `f`: its table, column and
-/// the value looked up (None: the time range `since`..`until` on `recorded`).
-fn audit_index_for(f: &AuditFilter) -> Option<(&'static str, &'static str, Option<&str>)> {
+/// The most selective of an audit file's indexes for `f`: its table, and the
+/// column and value looked up (None: the time range `since`..`until` on `recorded`).
+fn audit_index_for(f: &AuditFilter) -> Option<(&'static str, Option<(&'static str, &str)>)> {
     if let Some(p) = &f.patient {
-        Some(("audit_patient", "patient", Some(p)))
+        Some(("audit_patient", Some(("patient", p))))
     } else if let Some(u) = &f.user {
-        Some(("audit_usr", "usr", Some(u)))
+        Some(("audit_usr", Some(("usr", u))))
     } else if let Some(o) = &f.org {
-        Some(("audit_org", "org", Some(o)))
+        Some(("audit_org", Some(("org", o))))
     } else if f.since.is_some() || f.until.is_some() {
-        Some(("audit_recorded", "recorded", None))
+        Some(("audit_recorded", None))
     } else {
         None
     }
@@ -1276,9 +1275,8 @@ fn after(f: &AuditFilter, upto: i64) -> AuditFilter {
 struct IndexedBy<'a> {
     schema: &'a str,
     index: &'a str,
-    column: &'a str,
-    /// The key looked up; None for the time range of `recorded`.
-    value: Option<&'a str>,
+    /// The column and value looked up; None for the time range of `recorded`.
+    key: Option<(&'a str, &'a str)>,
     upto: i64,
 }
 
@@ -1308,9 +1306,9 @@ fn audit_branch(
                 .s(i.index)
                 .s(" i ON i.seq = l.seq AND i.seq <= ")
                 .int(i.upto);
-            match i.value {
-                Some(v) => {
-                    b.s(" AND i.").s(i.column).s(" = ").text(v);
+            match i.key {
+                Some((column, value)) => {
+                    b.s(" AND i.").s(column).s(" = ").text(value);
                 }
                 None => {
                     if let Some(s) = &f.since {

@@ -1,4 +1,5 @@
-//! Embedded SQLite backend (the default): a single database file.
+//! Embedded SQLite backend (the default): a data file and, beside it, the audit
+//! files described below.
 //!
 //! One writer connection behind a mutex serialises all writes (SQLite allows
 //! one writer at a time anyway; queuing in-process avoids busy retries), and a
