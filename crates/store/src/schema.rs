@@ -8,7 +8,7 @@
 use crate::sql::Dialect;
 
 /// Migrations in order; the version is the index + 1. Never edit an applied one:
-/// append a new migration instead.
+/// append a new migration instead. A line starting `{SQLITE}` is for SQLite only.
 const MIGRATIONS: &[&str] = &[
     // 1: resources, versions, index tables, audit log, client keys
     r#"
@@ -131,6 +131,17 @@ CREATE INDEX ix_reference_value ON ix_reference (k, target_id, target_type);
 CREATE TABLE ix_uri (rid BIGINT NOT NULL, k BIGINT NOT NULL, value {TEXT} NOT NULL, PRIMARY KEY (rid, k, value)){WITHOUT_ROWID};
 CREATE INDEX ix_uri_value ON ix_uri (k, value);
 "#,
+    // 3: on SQLite, the audit records that writes append with their data lose
+    // their indexes as the audit file's did (version 3 there): the audit index
+    // file indexes both files' records, off the write path. Each was five b-tree
+    // insertions per record, one on a random leaf. PostgreSQL keeps its indexes
+    // (`{SQLITE}` lines exist only on SQLite).
+    r#"
+{SQLITE}DROP INDEX IF EXISTS audit_log_patient;
+{SQLITE}DROP INDEX IF EXISTS audit_log_org;
+{SQLITE}DROP INDEX IF EXISTS audit_log_usr;
+{SQLITE}DROP INDEX IF EXISTS audit_log_recorded;
+"#,
 ];
 
 /// Migrations of the SQLite backend's audit file (`sqlite::audit_file`), attached
@@ -163,8 +174,8 @@ INSERT INTO audit.audit_head (id, seq, hash) VALUES (1, 0, '00000000000000000000
     // (`SQLITE_AUDIT_INDEX_FILE`), filled in batches off the read path. A
     // (patient, seq) entry lands on a random leaf, so every read's audit commit
     // wrote a page of it to the log: on 100,000 patients this one index cost more
-    // than the rest of the record (docs/DECISIONS.md, "SQLite: the audit file's
-    // indexes filled off the read path").
+    // than the rest of the record (docs/DECISIONS.md, "SQLite: the audit records'
+    // indexes filled off the read and write paths").
     "DROP INDEX IF EXISTS audit.audit_log_patient;",
     // Version 3: the other three indexes follow. They take their entries on a few
     // hot leaves, but each group commit still wrote those leaves to the log.
@@ -174,11 +185,12 @@ INSERT INTO audit.audit_head (id, seq, hash) VALUES (1, 0, '00000000000000000000
 
 /// Migrations of the SQLite backend's audit index file
 /// (`sqlite::audit_index_file`), versioned by its `user_version` like the audit
-/// file. It holds what the audit file's records are looked up by, derived from
-/// them by the store's indexer thread: each `audit_<key>` table (`patient`, `org`,
-/// `usr`, `recorded`) has an entry `(key, seq)` for every record of the audit file
-/// with `seq <= audit_indexed.upto` whose key is set. Derived data: deleting the
-/// file rebuilds it.
+/// file. It holds what the audit records of both files are looked up by, derived
+/// from them by the store's indexer thread: each `audit_<key>` table (`patient`,
+/// `org`, `usr`, `recorded`) has an entry `(src, key, seq)` for every record with
+/// `seq <= audit_indexed.upto` whose key is set, `src` naming the file that holds
+/// the record (0: the data file's `audit_log`, 1: the audit file's). Derived data:
+/// deleting the file rebuilds it.
 pub const SQLITE_AUDIT_INDEX_FILE: &[&str] = &[
     r#"
 CREATE TABLE audit_patient (
@@ -196,6 +208,20 @@ CREATE TABLE audit_org (org TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (or
 CREATE TABLE audit_usr (usr TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (usr, seq)) WITHOUT ROWID;
 CREATE TABLE audit_recorded (recorded INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (recorded, seq)) WITHOUT ROWID;
 DELETE FROM audit_patient;
+UPDATE audit_indexed SET upto = 0 WHERE id = 1;
+"#,
+    // Version 3: the data file's records too (the data file's version 3), each
+    // entry tagged with its file so that a query walks only the entries of the
+    // table it reads. Rebuilt from the start.
+    r#"
+DROP TABLE audit_patient;
+DROP TABLE audit_org;
+DROP TABLE audit_usr;
+DROP TABLE audit_recorded;
+CREATE TABLE audit_patient (src INTEGER NOT NULL, patient TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (src, patient, seq)) WITHOUT ROWID;
+CREATE TABLE audit_org (src INTEGER NOT NULL, org TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (src, org, seq)) WITHOUT ROWID;
+CREATE TABLE audit_usr (src INTEGER NOT NULL, usr TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (src, usr, seq)) WITHOUT ROWID;
+CREATE TABLE audit_recorded (src INTEGER NOT NULL, recorded INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (src, recorded, seq)) WITHOUT ROWID;
 UPDATE audit_indexed SET upto = 0 WHERE id = 1;
 "#,
 ];
@@ -224,12 +250,17 @@ pub fn migrations(d: Dialect) -> Vec<(i64, String)> {
         .map(|(i, m)| {
             let sql = match d {
                 Dialect::Sqlite => m
+                    .replace("{SQLITE}", "")
                     .replace("{RID}", "INTEGER PRIMARY KEY")
                     .replace("{TEXT}", "TEXT")
                     .replace("{BOOL}", "INTEGER")
                     .replace("{REAL}", "REAL")
                     .replace("{WITHOUT_ROWID}", " WITHOUT ROWID"),
                 Dialect::Postgres => m
+                    .lines()
+                    .filter(|l| !l.starts_with("{SQLITE}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
                     .replace(
                         "{RID}",
                         "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",

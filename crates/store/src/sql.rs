@@ -1194,18 +1194,20 @@ pub fn history(d: Dialect, q: &HistoryQuery) -> Built {
 pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 
 /// Where an auditors' query reads records from (the SQLite backend keeps its
-/// audit records in two files, and indexes one of them in a third).
+/// audit records in two files, and indexes both in a third).
 #[derive(Clone, Copy, Debug)]
 pub enum AuditSource<'a> {
     /// A table whose own indexes serve every filter.
     Table(&'a str),
     /// A table with no index but its `seq`, whose records up to `upto` are found
     /// through the tables `audit_patient`, `audit_usr`, `audit_org` and
-    /// `audit_recorded` of `schema` (each keyed `(key, seq)`); later records by
-    /// scanning the table's tail.
+    /// `audit_recorded` of `schema` (each keyed `(src, key, seq)`, where `src`
+    /// tells the tables indexed there apart); later records by scanning the
+    /// table's tail.
     Indexed {
         table: &'a str,
         schema: &'a str,
+        src: i64,
         upto: i64,
     },
 }
@@ -1226,12 +1228,14 @@ pub fn audit_query(d: Dialect, sources: &[AuditSource<'_>], f: &AuditFilter) -> 
             AuditSource::Indexed {
                 table,
                 schema,
+                src,
                 upto,
             } => match audit_index_for(f) {
                 Some((index, key)) => {
                     let by = IndexedBy {
                         schema,
                         index,
+                        src,
                         key,
                         upto,
                     };
@@ -1275,6 +1279,8 @@ fn after(f: &AuditFilter, upto: i64) -> AuditFilter {
 struct IndexedBy<'a> {
     schema: &'a str,
     index: &'a str,
+    /// Which table's entries, of those the index holds.
+    src: i64,
     /// The column and value looked up; None for the time range of `recorded`.
     key: Option<(&'a str, &'a str)>,
     upto: i64,
@@ -1304,7 +1310,9 @@ fn audit_branch(
                 .s(i.schema)
                 .s(".")
                 .s(i.index)
-                .s(" i ON i.seq = l.seq AND i.seq <= ")
+                .s(" i ON i.src = ")
+                .int(i.src)
+                .s(" AND i.seq = l.seq AND i.seq <= ")
                 .int(i.upto);
             match i.key {
                 Some((column, value)) => {

@@ -18,12 +18,13 @@
 //! commits leave the readers' caches of the data warm (docs/DECISIONS.md).
 //!
 //! A third file, the audit index file ([`audit_index_file`]), holds the indexes
-//! of the audit file's records (by patient, organisation, user and time). An
+//! of both files' audit records (by patient, organisation, user and time). An
 //! indexer thread fills it in batches of up to `INDEX_BATCH` records, so that a
-//! read's audit commit writes only the table's last page and the head; records it
-//! has not reached yet are found by scanning the audit file's tail
+//! read's audit commit writes only the table's last page and the head, and a
+//! write's audit record is one b-tree insertion at the end of `audit_log`;
+//! records it has not reached yet are found by scanning each table's tail
 //! ([`AuditSource::Indexed`]). It is derived data: deleting it (or finding it ahead
-//! of the audit file) rebuilds it.
+//! of the audit records) rebuilds it.
 
 mod audit_index;
 
@@ -128,19 +129,30 @@ const AUDIT_HEAD: &str = "SELECT seq, hash FROM main.audit_head WHERE id = 1 \
 const AUDIT_FILE_INSERT: &str = "INSERT INTO audit.audit_log (seq, recorded, record, prev_hash, hash, patient, org, usr, purpose) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 const AUDIT_FILE_SET_HEAD: &str = "UPDATE audit.audit_head SET seq = ?1, hash = ?2 WHERE id = 1";
-/// How far the audit index file covers the audit file.
+/// How far the audit index file covers the audit records (of both files).
 const AUDIT_INDEXED: &str = "SELECT upto FROM auditidx.audit_indexed WHERE id = 1";
 /// Records after a seq from both files, in chain order.
 const AUDIT_SCAN: &str = "SELECT seq, recorded, record, prev_hash, hash FROM main.audit_log WHERE seq > ?1 \
      UNION ALL SELECT seq, recorded, record, prev_hash, hash FROM audit.audit_log WHERE seq > ?1 \
      ORDER BY seq LIMIT ?2";
-/// What an audit query reads; the audit index file covers the audit file up to `upto`.
+/// The audit index file's `src` of the data file's records.
+const SRC_DATA: i64 = 0;
+/// The audit index file's `src` of the audit file's records.
+const SRC_AUDIT_FILE: i64 = 1;
+/// What an audit query reads; the audit index file covers both files' records up
+/// to `upto`.
 fn audit_sources(upto: i64) -> [AuditSource<'static>; 2] {
     [
-        AuditSource::Table("main.audit_log"),
+        AuditSource::Indexed {
+            table: "main.audit_log",
+            schema: AUDIT_INDEX_SCHEMA,
+            src: SRC_DATA,
+            upto,
+        },
         AuditSource::Indexed {
             table: "audit.audit_log",
             schema: AUDIT_INDEX_SCHEMA,
+            src: SRC_AUDIT_FILE,
             upto,
         },
     ]
@@ -303,7 +315,7 @@ impl SqliteStore {
         configure(&audit_writer)?;
         attach_audit(&audit_writer, &audit_path)?;
         let audit_index_path = audit_index_file(path);
-        let indexer = audit_index::AuditIndexer::start(&audit_index_path, &audit_path)?;
+        let indexer = audit_index::AuditIndexer::start(&audit_index_path, &audit_path, path)?;
 
         let store = SqliteStore {
             path: path.to_path_buf(),
@@ -844,6 +856,9 @@ pub struct SqliteTransaction<'a> {
     st: &'a Statements,
     audit_to: AuditTo,
     done: bool,
+    /// Told after a commit that appended audit records.
+    indexer: &'a audit_index::AuditIndexer,
+    audited: bool,
 }
 
 impl SqliteTransaction<'_> {
@@ -924,6 +939,7 @@ impl Transaction for SqliteTransaction<'_> {
     }
 
     fn audit_append(&mut self, records: &[Value]) -> FhirResult<Vec<AuditEntry>> {
+        self.audited |= !records.is_empty();
         engine::audit_append(&mut self.ops(), records)
     }
 
@@ -932,6 +948,9 @@ impl Transaction for SqliteTransaction<'_> {
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(db_err(e));
+        }
+        if self.audited {
+            self.indexer.notify();
         }
         Ok(())
     }
@@ -986,6 +1005,8 @@ impl Store for SqliteStore {
             st: &self.st,
             audit_to: AuditTo::Data,
             done: false,
+            indexer: &self.indexer,
+            audited: false,
         }))
     }
 
@@ -1072,10 +1093,11 @@ impl Store for SqliteStore {
             st: &self.st,
             audit_to: AuditTo::AuditFile,
             done: false,
+            indexer: &self.indexer,
+            audited: false,
         });
         let out = tx.audit_append(records)?;
         tx.commit()?;
-        self.indexer.notify();
         Ok(out)
     }
 

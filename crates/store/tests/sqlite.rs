@@ -258,13 +258,27 @@ fn append_for(s: &SqliteStore, patients: &[&str]) {
     s.audit_append(&records).unwrap();
 }
 
+/// Appends a record for `patient` with data, as a write does (in the data file).
+fn write_for(s: &SqliteStore, patient: &str) {
+    let mut tx = s.begin().unwrap();
+    tx.audit_append(&[serde_json::json!({"action": "update", "patient": patient})])
+        .unwrap();
+    tx.commit().unwrap();
+}
+
 #[test]
 fn the_indexer_thread_indexes_the_audit_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tsunagi.db");
     let s = SqliteStore::open(&path).unwrap();
+    // every tenth record is a write's, in the data file
     for i in 0..50 {
-        append_for(&s, &[&format!("p{}", i % 5)]);
+        let patient = format!("p{}", i % 5);
+        if i % 10 == 9 {
+            write_for(&s, &patient);
+        } else {
+            append_for(&s, &[&patient]);
+        }
     }
     let index = rusqlite::Connection::open(tsunagi_store::sqlite::audit_index_file(&path)).unwrap();
     let covered = |c: &rusqlite::Connection| -> (i64, i64, i64) {
@@ -290,6 +304,14 @@ fn the_indexer_thread_indexes_the_audit_file() {
         audit_of(&s, "p3"),
         vec![49, 44, 39, 34, 29, 24, 19, 14, 9, 4]
     );
+    let in_data: i64 = index
+        .query_row(
+            "SELECT count(*) FROM audit_patient WHERE src = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(in_data, 5);
     // and the audit file itself keeps no index but its seq
     let audit = rusqlite::Connection::open(tsunagi_store::sqlite::audit_file(&path)).unwrap();
     let indexes: Vec<String> = audit
@@ -300,6 +322,35 @@ fn the_indexer_thread_indexes_the_audit_file() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(indexes, Vec::<String>::new());
+}
+
+#[test]
+fn the_audit_index_stops_before_a_missing_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tsunagi.db");
+    let s = SqliteStore::open(&path).unwrap();
+    append_for(&s, &["p1", "p2", "p1"]);
+    write_for(&s, "p1");
+    append_for(&s, &["p2", "p1"]);
+    s.index_audit_now().unwrap();
+    let upto = || -> i64 {
+        rusqlite::Connection::open(tsunagi_store::sqlite::audit_index_file(&path))
+            .unwrap()
+            .query_row("SELECT upto FROM audit_indexed", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(upto(), 6);
+    // record 7 (a write's) is removed behind the store's back
+    write_for(&s, "p1");
+    append_for(&s, &["p1"]);
+    s.raw_execute("DELETE FROM main.audit_log WHERE seq = 7")
+        .unwrap();
+    s.index_audit_now().unwrap();
+    // the index does not pass the gap, and queries still find what follows it
+    assert_eq!(upto(), 6);
+    assert_eq!(audit_of(&s, "p1"), vec![8, 6, 4, 3, 1]);
+    use tsunagi_store::audit;
+    assert!(!audit::verify_chain(audit::scan_all(&s)).ok());
 }
 
 #[test]

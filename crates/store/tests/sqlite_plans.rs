@@ -331,11 +331,26 @@ fn audit_queries_walk_an_index_and_the_unindexed_tail() {
         )
         .unwrap();
     }
+    // the data file's records keep no index but the one of their `seq`
+    let indexes: Vec<String> = c
+        .prepare("SELECT name FROM pragma_index_list('audit_log')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(indexes, ["sqlite_autoindex_audit_log_1"]);
     let sources = [
-        AuditSource::Table("main.audit_log"),
+        AuditSource::Indexed {
+            table: "main.audit_log",
+            schema: "auditidx",
+            src: 0,
+            upto: 1000,
+        },
         AuditSource::Indexed {
             table: "audit.audit_log",
             schema: "auditidx",
+            src: 1,
             upto: 1000,
         },
     ];
@@ -347,14 +362,14 @@ fn audit_queries_walk_an_index_and_the_unindexed_tail() {
                 org: Some("1311234567".into()),
                 ..Default::default()
             },
-            "patient=?",
+            "src=? AND patient=?",
         ),
         (
             AuditFilter {
                 user: Some("u1".into()),
                 ..Default::default()
             },
-            "usr=?",
+            "src=? AND usr=?",
         ),
         (
             AuditFilter {
@@ -362,7 +377,7 @@ fn audit_queries_walk_an_index_and_the_unindexed_tail() {
                 purpose: Some("treatment".into()),
                 ..Default::default()
             },
-            "org=?",
+            "src=? AND org=?",
         ),
         (
             AuditFilter {
@@ -370,7 +385,7 @@ fn audit_queries_walk_an_index_and_the_unindexed_tail() {
                 until: Some(at),
                 ..Default::default()
             },
-            "recorded>? AND recorded<?",
+            "src=? AND recorded>? AND recorded<?",
         ),
     ] {
         let p = plan(&c, &sql::audit_query(Dialect::Sqlite, &sources, &filter));
@@ -380,13 +395,18 @@ fn audit_queries_walk_an_index_and_the_unindexed_tail() {
                 .any(|l| l.starts_with("SCAN ") && !l.starts_with("SCAN a")),
             "{filter:?}:\n{p}"
         );
-        assert!(
-            p.contains(&format!("SEARCH i USING PRIMARY KEY ({key}")),
+        // both files' records up to `upto` through the index, each file's own
+        assert_eq!(
+            p.matches(&format!("SEARCH i USING PRIMARY KEY ({key}"))
+                .count(),
+            2,
             "{filter:?}:\n{p}"
         );
-        // the tail after `upto`, by the audit file's rowid
+        // the tails after `upto`: the audit file's by its rowid, the data file's
+        // by its `seq` index
         assert!(
-            p.contains("SEARCH l USING INTEGER PRIMARY KEY (rowid>?)"),
+            p.contains("SEARCH l USING INTEGER PRIMARY KEY (rowid>?)")
+                && p.contains("SEARCH l USING INDEX sqlite_autoindex_audit_log_1 (seq>?)"),
             "{filter:?}:\n{p}"
         );
     }
