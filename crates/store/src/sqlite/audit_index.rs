@@ -6,8 +6,8 @@
 //! random leaf of the patient index per record, and the hot leaves of the others
 //! per commit; measured on 100,000 patients, that was most of a read's audit
 //! commit (docs/BENCHMARKS.md, "Session 12"). Each write paid the same for the
-//! record it appends with its data (a PMH recipient import ran 18 % faster
-//! without; "Session 13"). Here the entries of both files' records are added by
+//! record it appends with its data (a PMH recipient import ran 19 % faster
+//! without them; PMH "Session 13"). Here the entries of both files' records are added by
 //! one thread, in batches sorted by key, in a file of its own, so that no commit
 //! waits for them and a batch writes each page it touches once.
 //!
