@@ -7,9 +7,9 @@
 //! per commit; measured on 100,000 patients, that was most of a read's audit
 //! commit (docs/BENCHMARKS.md, "Session 12"). Each write paid the same for the
 //! record it appends with its data (a PMH recipient import ran 19 % faster
-//! without them; PMH "Session 13"). Here the entries of both files' records are added by
-//! one thread, in batches sorted by key, in a file of its own, so that no commit
-//! waits for them and a batch writes each page it touches once.
+//! without them; PMH "Session 13"). Here the entries of both files' records are
+//! added by one thread, in batches sorted by key, in a file of its own, so that
+//! no commit waits for them and a batch writes each page it touches once.
 //!
 //! Invariant: each `audit_<key>` table holds an entry for every record (of either
 //! file) with `seq <= audit_indexed.upto` whose key is set, and `upto` only moves
@@ -81,7 +81,7 @@ impl AuditIndexer {
     pub(super) fn start(index: &Path, audit: &Path, data: &Path) -> FhirResult<AuditIndexer> {
         let c = Connection::open(index).map_err(db_err)?;
         // NORMAL: a crash may lose the last batches, but each batch and its `upto`
-        // are lost together, and the records are still in the audit file.
+        // are lost together, and the records are still in their files.
         c.execute_batch(&format!(
             "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA synchronous = NORMAL; \
              PRAGMA temp_store = MEMORY; PRAGMA cache_size = -{INDEXER_CACHE_KIB}; \
