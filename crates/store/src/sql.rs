@@ -1250,7 +1250,7 @@ pub fn audit_query(d: Dialect, sources: &[AuditSource<'_>], f: &AuditFilter) -> 
     b.done()
 }
 
-/// The most selective of an audit file's indexes for `f`: its table, and the
+/// The most selective of the audit index file's tables for `f`: its name, and the
 /// column and value looked up (None: the time range `since`..`until` on `recorded`).
 fn audit_index_for(f: &AuditFilter) -> Option<(&'static str, Option<(&'static str, &str)>)> {
     if let Some(p) = &f.patient {

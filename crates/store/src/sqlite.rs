@@ -111,8 +111,8 @@ pub fn audit_file(path: &Path) -> PathBuf {
 const AUDIT_INDEX_SCHEMA: &str = "auditidx";
 
 /// The audit index file of the database at `path`: `tsunagi.db` →
-/// `tsunagi.audit-index.db`. Derived from the audit file; backing it up is
-/// optional (a store rebuilds it when it is missing).
+/// `tsunagi.audit-index.db`. Derived from the audit records of both files;
+/// backing it up is optional (a store rebuilds it when it is missing).
 pub fn audit_index_file(path: &Path) -> PathBuf {
     path.with_extension("audit-index.db")
 }
@@ -167,13 +167,19 @@ enum AuditTo {
     AuditFile,
 }
 
+/// Attaches the database file `file` to `c` as `schema`.
+fn attach(c: &Connection, file: &Path, schema: &str) -> FhirResult<()> {
+    let name = file.to_str().ok_or_else(|| {
+        FhirError::internal(format!("the path of the {schema} database is not UTF-8"))
+    })?;
+    c.execute(&format!("ATTACH DATABASE ?1 AS {schema}"), [name])
+        .map_err(db_err)?;
+    Ok(())
+}
+
 /// Attaches the audit file as `audit` with the data file's durability.
 fn attach_audit(c: &Connection, file: &Path) -> FhirResult<()> {
-    let name = file
-        .to_str()
-        .ok_or_else(|| FhirError::internal("the audit file's path is not UTF-8"))?;
-    c.execute(&format!("ATTACH DATABASE ?1 AS {AUDIT_SCHEMA}"), [name])
-        .map_err(db_err)?;
+    attach(c, file, AUDIT_SCHEMA)?;
     c.execute_batch(&format!("PRAGMA {AUDIT_SCHEMA}.synchronous = FULL;"))
         .map_err(db_err)
 }
@@ -350,22 +356,14 @@ impl SqliteStore {
         .map_err(db_err)?;
         configure(&c)?;
         attach_audit(&c, &self.audit_path)?;
-        let index = self
-            .audit_index_path
-            .to_str()
-            .ok_or_else(|| FhirError::internal("the audit index file's path is not UTF-8"))?;
-        c.execute(
-            &format!("ATTACH DATABASE ?1 AS {AUDIT_INDEX_SCHEMA}"),
-            [index],
-        )
-        .map_err(db_err)?;
+        attach(&c, &self.audit_index_path, AUDIT_INDEX_SCHEMA)?;
         Ok(c)
     }
 
     /// Adds every audit record stored so far to the audit index file now, rather
     /// than when the indexer thread next runs. Queries do not need it (they read
-    /// what the index does not cover yet from the audit file); tests and tools do,
-    /// to reach the indexed state.
+    /// what the index does not cover yet from the tables' tails); tests and tools
+    /// do, to reach the indexed state.
     pub fn index_audit_now(&self) -> FhirResult<()> {
         self.indexer.catch_up()
     }
@@ -1115,7 +1113,7 @@ impl Store for SqliteStore {
     fn audit_query(&self, filter: &AuditFilter) -> FhirResult<Vec<AuditEntry>> {
         self.with_reader(|o| {
             // `upto` first: from then on the index holds every record up to it (it
-            // only grows), and the query takes the later ones from the audit file
+            // only grows), and the query takes the later ones from the tables' tails
             let upto: i64 = o
                 .conn
                 .prepare_cached(AUDIT_INDEXED)

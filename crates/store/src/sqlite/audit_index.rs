@@ -35,7 +35,7 @@ use rusqlite::{Connection, params};
 use tsunagi_fhir::{FhirError, FhirResult};
 
 use super::{
-    BUSY_TIMEOUT_MS, INDEX_BATCH, INDEX_DELAY, SRC_AUDIT_FILE, SRC_DATA, configure, db_err,
+    BUSY_TIMEOUT_MS, INDEX_BATCH, INDEX_DELAY, SRC_AUDIT_FILE, SRC_DATA, attach, configure, db_err,
     migrate_by_user_version,
 };
 use crate::schema;
@@ -95,13 +95,8 @@ impl AuditIndexer {
             schema::SQLITE_AUDIT_INDEX_FILE,
             "audit index file",
         )?;
-        for (file, schema) in [(audit, "audit"), (data, "data")] {
-            let name = file
-                .to_str()
-                .ok_or_else(|| FhirError::internal("a database file's path is not UTF-8"))?;
-            c.execute(&format!("ATTACH DATABASE ?1 AS {schema}"), [name])
-                .map_err(db_err)?;
-        }
+        attach(&c, audit, "audit")?;
+        attach(&c, data, "data")?;
         rebuild_if_ahead(&c)?;
         let shared = Arc::new(Shared {
             conn: Mutex::new(Indexing {
@@ -328,11 +323,13 @@ fn rebuild_if_ahead(c: &Connection) -> FhirResult<()> {
             max,
             "the audit index file covers records the audit records do not include; rebuilding it"
         );
-        c.execute_batch(
-            "BEGIN; DELETE FROM main.audit_patient; DELETE FROM main.audit_org; \
-             DELETE FROM main.audit_usr; DELETE FROM main.audit_recorded; \
-             UPDATE main.audit_indexed SET upto = 0 WHERE id = 1; COMMIT;",
-        )
+        let deletes: String = KEYS
+            .iter()
+            .map(|(index, _)| format!("DELETE FROM main.{index}; "))
+            .collect();
+        c.execute_batch(&format!(
+            "BEGIN; {deletes}UPDATE main.audit_indexed SET upto = 0 WHERE id = 1; COMMIT;"
+        ))
         .map_err(db_err)?;
     }
     Ok(())
