@@ -75,6 +75,9 @@ pub struct PlatformArgs {
     /// of the two cores.
     #[arg(long, value_enum, default_value = "builtin")]
     client: LoadClient,
+    /// Measure the read phase only, no searches (A/B runs of the read path).
+    #[arg(long)]
+    reads_only: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -577,6 +580,9 @@ fn bench(ctx: &Ctx, work: &Path) -> anyhow::Result<Value> {
             .await?;
 
         let mut searches = serde_json::Map::new();
+        if a.reads_only {
+            return anyhow::Ok((ingest_tx, read, Value::Object(searches), hwm_after_ingest));
+        }
         let s = synth.clone();
         let obs = phases
             .measure("search observation", move |rng| {

@@ -33,6 +33,9 @@ impl Store for FakeStore {
     fn read(&self, _: &str, _: &str) -> FhirResult<Option<StoredResource>> {
         unsupported()
     }
+    fn read_text(&self, _: &str, _: &str) -> FhirResult<Option<StoredText>> {
+        unsupported()
+    }
     fn vread(&self, _: &str, _: &str, _: i64) -> FhirResult<Option<StoredResource>> {
         unsupported()
     }

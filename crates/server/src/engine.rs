@@ -21,7 +21,8 @@ use tsunagi_policy::audit::{AuditRecord, AuditSink, Outcome};
 use tsunagi_policy::identity::{Principal, Purpose};
 use tsunagi_policy::policy::{AccessRequest, Decision, Operation, Policy};
 use tsunagi_store::{
-    HistoryQuery, LatestPer, Scope, SearchResult, Store, StoredResource, Transaction, WriteContext,
+    HistoryQuery, LatestPer, Scope, SearchResult, Store, StoredResource, StoredText, Transaction,
+    WriteContext,
 };
 
 use crate::validate::{Validate, check_shape, gate};
@@ -101,6 +102,16 @@ pub fn check_type(resource_type: &str) -> FhirResult<()> {
 
 fn reference(s: &StoredResource) -> String {
     format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
+}
+
+/// The current version found by a read: 404 when it never existed, 410 when
+/// it is a delete.
+fn present<T>(rt: &str, id: &str, found: Option<T>, deleted: impl Fn(&T) -> bool) -> FhirResult<T> {
+    match found {
+        None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
+        Some(f) if deleted(&f) => Err(FhirError::gone(format!("{rt}/{id} was deleted"))),
+        Some(f) => Ok(f),
+    }
 }
 
 fn labels_of(s: &StoredResource) -> Vec<(String, String)> {
@@ -225,46 +236,72 @@ impl Engine {
         }
     }
 
+    /// A point read on the async worker where the store allows it (see
+    /// [`Store::inline_point_reads`]), else on the blocking pool.
+    async fn point_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> FhirResult<T> + Send + 'static,
+    ) -> FhirResult<T> {
+        if self.store.inline_point_reads() {
+            let started = std::time::Instant::now();
+            let r = f(&*self.store);
+            record_store_time(started);
+            r
+        } else {
+            let store = self.store.clone();
+            blocking(move || f(&*store)).await
+        }
+    }
+
+    /// A read by id: the policy decides, the access is audited ([`Engine::read_text`]),
+    /// and the body is parsed.
     pub async fn read(
         &self,
         ctx: &Ctx,
         resource_type: &str,
         id: &str,
     ) -> FhirResult<StoredResource> {
+        self.read_text(ctx, resource_type, id)
+            .await?
+            .into_resource()
+    }
+
+    /// A read by id answering with the stored text, not parsed (the REST read
+    /// serves it as it is). The policy decides on the store's patient and author
+    /// columns and the text's labels; a read of personal data is audited.
+    pub async fn read_text(
+        &self,
+        ctx: &Ctx,
+        resource_type: &str,
+        id: &str,
+    ) -> FhirResult<StoredText> {
         check_type(resource_type)?;
-        let found = if self.store.inline_point_reads() {
-            let started = std::time::Instant::now();
-            let r = self.store.read(resource_type, id);
-            record_store_time(started);
-            r?
-        } else {
-            let (store, rt, rid) = (
-                self.store.clone(),
-                resource_type.to_string(),
-                id.to_string(),
-            );
-            blocking(move || store.read(&rt, &rid)).await?
-        };
-        let Some(found) = found else {
-            return Err(FhirError::not_found(format!(
-                "{resource_type}/{id} does not exist"
-            )));
-        };
-        if found.deleted {
-            return Err(FhirError::gone(format!("{resource_type}/{id} was deleted")));
-        }
-        let patient = patient_of(&found);
+        let (rt, rid) = (resource_type.to_string(), id.to_string());
+        let found = self.point_read(move |s| s.read_text(&rt, &rid)).await?;
+        let found = present(resource_type, id, found, |f| f.deleted)?;
+        let touched = format!("{resource_type}/{id}/_history/{}", found.version);
         self.authorize_labeled(
             ctx,
             Operation::Read,
             resource_type,
-            patient,
+            found.patient.clone(),
             found.author_org.clone(),
-            labels_of(&found),
-            vec![reference(&found)],
+            found.security_labels()?,
+            vec![touched.clone()],
         )
         .await?;
-        self.audit_reads(ctx, Operation::Read, &[&found]).await?;
+        if let Some(p) = &found.patient {
+            let rec = audit_record(
+                ctx,
+                Operation::Read,
+                Some(p.clone()),
+                vec![touched],
+                Outcome::Success,
+                200,
+                None,
+            );
+            self.audit.record_many(vec![rec]).await?;
+        }
         Ok(found)
     }
 

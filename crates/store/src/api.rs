@@ -27,6 +27,52 @@ pub struct StoredResource {
     pub author_org: Option<String>,
 }
 
+/// The current version of a resource as stored, its body not parsed: what a
+/// read answers with, without a parse and a re-serialisation (the stored text is
+/// the stamped body as `serde_json` writes it, byte for byte).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredText {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: DateTime<Utc>,
+    pub deleted: bool,
+    /// The stored JSON; None for a delete.
+    pub text: Option<String>,
+    /// The patient whose compartment holds the resource, as indexed when it was
+    /// written (the `patient` column, which compartment searches use too).
+    pub patient: Option<String>,
+    /// Organisation code of whoever wrote this version.
+    pub author_org: Option<String>,
+}
+
+impl StoredText {
+    /// The `meta.security` labels. The text is parsed only when it names
+    /// `"security"` somewhere: a body without that key has no labels (the text is
+    /// `serde_json`'s, which writes every key unescaped, so the key cannot hide).
+    pub fn security_labels(&self) -> tsunagi_fhir::FhirResult<Vec<(String, String)>> {
+        match &self.text {
+            Some(t) if t.contains("\"security\"") => {
+                Ok(security_labels(&crate::engine::parse_text(t)?))
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The body parsed: the [`StoredResource`] [`Store::read`] returns.
+    pub fn into_resource(self) -> tsunagi_fhir::FhirResult<StoredResource> {
+        Ok(StoredResource {
+            resource: crate::engine::parse_body(self.text)?,
+            resource_type: self.resource_type,
+            id: self.id,
+            version: self.version,
+            last_updated: self.last_updated,
+            deleted: self.deleted,
+            author_org: self.author_org,
+        })
+    }
+}
+
 /// The outcome of [`Transaction::put`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
@@ -243,9 +289,12 @@ pub trait Store: Send + Sync + 'static {
     /// Current version of a resource (including a delete marker), if it ever existed.
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>>;
 
-    /// Whether [`Store::read`] is cheap enough (a local page-cache lookup: no
-    /// network, no runtime of its own) to call on an async worker thread rather
-    /// than hand it to the blocking pool. Safe default: no.
+    /// [`Store::read`] without parsing the body, with the patient column.
+    fn read_text(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredText>>;
+
+    /// Whether [`Store::read`] and [`Store::read_text`] are cheap enough (a local
+    /// page-cache lookup: no network, no runtime of its own) to call on an async
+    /// worker thread rather than hand them to the blocking pool. Safe default: no.
     fn inline_point_reads(&self) -> bool {
         false
     }

@@ -110,6 +110,7 @@ macro_rules! conformance_tests {
             forget_history_keeps_only_the_current_version,
             repeated_entries_are_one_entry,
             put_stores_what_update_stores,
+            read_text_is_the_read_unparsed,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -317,6 +318,105 @@ pub fn create_read_vread(h: &dyn Harness) {
         )
         .unwrap_err();
     assert_eq!(e.status, 400);
+}
+
+/// The text a read serves unparsed is, byte for byte, the read's body as
+/// `serde_json` writes it, with the patient, author and labels the policy
+/// decides on; after an update it follows the current version.
+pub fn read_text_is_the_read_unparsed(h: &dyn Harness) {
+    let s = h.store();
+    let mut labelled_obs = labelled(
+        observation("p1", "2345-7", "2026-01-02", 5.5, "mmol/L"),
+        &[(VIS, "restricted")],
+    );
+    labelled_obs["note"] = json!([{"text": "ア \"quoted\" \u{1F600} 1e3"}]);
+    seed(
+        s,
+        "A",
+        vec![
+            (
+                "Patient",
+                "p1",
+                patient("p1", "山田", Some("1980-05-01"), "male"),
+            ),
+            ("Observation", "o1", labelled_obs),
+            (
+                "Observation",
+                "o2",
+                observation("p1", "2339-0", "2026-01-03", 0.1, "mg/dL"),
+            ),
+            ("Organization", "org1", json!({"name": "Clinic"})),
+        ],
+    );
+    let same = |rt: &str, id: &str, patient: Option<&str>, labels: &[(&str, &str)]| {
+        let r = s.read(rt, id).unwrap().unwrap();
+        let t = s.read_text(rt, id).unwrap().unwrap();
+        let body = r.resource.clone().unwrap();
+        assert_eq!(
+            t.text.as_deref(),
+            Some(serde_json::to_string(&body).unwrap().as_str()),
+            "{rt}/{id}"
+        );
+        assert_eq!(
+            (
+                &t.resource_type,
+                &t.id,
+                t.version,
+                t.last_updated,
+                t.deleted,
+                &t.author_org
+            ),
+            (
+                &r.resource_type,
+                &r.id,
+                r.version,
+                r.last_updated,
+                r.deleted,
+                &r.author_org
+            ),
+        );
+        assert_eq!(t.patient.as_deref(), patient, "{rt}/{id}");
+        assert_eq!(t.clone().into_resource().unwrap(), r);
+        let want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        assert_eq!(t.security_labels().unwrap(), want, "{rt}/{id}");
+        assert_eq!(security_labels(&body), want);
+    };
+    same("Patient", "p1", Some("p1"), &[]);
+    same("Observation", "o1", Some("p1"), &[(VIS, "restricted")]);
+    same("Observation", "o2", Some("p1"), &[]);
+    same("Organization", "org1", None, &[]);
+
+    // the patient and the author are the current version's
+    let mut tx = s.begin().unwrap();
+    tx.update(
+        "Observation",
+        "o2",
+        observation("p2", "2339-0", "2026-01-03", 0.2, "mg/dL"),
+        None,
+        &ctx("B"),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    same("Observation", "o2", Some("p2"), &[]);
+    assert_eq!(
+        s.read_text("Observation", "o2")
+            .unwrap()
+            .unwrap()
+            .author_org
+            .as_deref(),
+        Some("B")
+    );
+
+    let mut tx = s.begin().unwrap();
+    tx.delete("Observation", "o1", None, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+    let t = s.read_text("Observation", "o1").unwrap().unwrap();
+    assert_eq!((t.deleted, t.text, t.version), (true, None, 2));
+    assert!(s.read_text("Observation", "nope").unwrap().is_none());
+    assert!(s.read_text("Patient", "o2").unwrap().is_none());
 }
 
 pub fn versions_increase(h: &dyn Harness) {

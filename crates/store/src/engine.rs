@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 use tsunagi_fhir::search::{IndexEntry, SearchQuery, Summary};
 use tsunagi_fhir::{FhirError, FhirResult};
 
-use crate::api::{AuditEntry, Scope, SearchResult, StoredResource, WriteContext, Written};
+use crate::api::{
+    AuditEntry, Scope, SearchResult, StoredResource, StoredText, WriteContext, Written,
+};
 use crate::audit;
 use crate::sql::{self, Built, Dialect};
 
@@ -54,6 +56,41 @@ pub(crate) trait Ops {
     fn count(&mut self, q: &Built) -> FhirResult<u64>;
     /// Runs a SELECT of one text column.
     fn texts(&mut self, q: &Built) -> FhirResult<Vec<String>>;
+    /// Runs a SELECT returning [`sql::TEXT_COLUMNS`]; its first row.
+    fn text_row(&mut self, q: &Built) -> FhirResult<Option<TextRow>>;
+}
+
+/// [`sql::TEXT_COLUMNS`] of one row.
+pub(crate) type TextRow = (
+    i64,
+    i64,
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// [`crate::Store::read_text`] with the backend's read statement.
+pub(crate) fn read_text<O: Ops + ?Sized>(
+    o: &mut O,
+    sql: &str,
+    rt: &str,
+    id: &str,
+) -> FhirResult<Option<StoredText>> {
+    let q = Built::by_id(sql, rt, id);
+    let Some((version, lu, deleted, text, author_org, patient)) = o.text_row(&q)? else {
+        return Ok(None);
+    };
+    Ok(Some(StoredText {
+        resource_type: rt.to_string(),
+        id: id.to_string(),
+        version,
+        last_updated: ms_to_dt(lu)?,
+        deleted,
+        text,
+        patient,
+        author_org,
+    }))
 }
 
 /// The ids of a search's matches in its order, paged like it (no bodies read).
@@ -111,12 +148,12 @@ pub(crate) fn ms_to_dt(ms: i64) -> FhirResult<DateTime<Utc>> {
 pub use tsunagi_fhir::datetime::format_instant;
 
 pub(crate) fn parse_body(body: Option<String>) -> FhirResult<Option<Value>> {
-    match body {
-        None => Ok(None),
-        Some(b) => serde_json::from_str(&b)
-            .map(Some)
-            .map_err(|_| FhirError::internal("stored resource body is not valid JSON")),
-    }
+    body.as_deref().map(parse_text).transpose()
+}
+
+pub(crate) fn parse_text(body: &str) -> FhirResult<Value> {
+    serde_json::from_str(body)
+        .map_err(|_| FhirError::internal("stored resource body is not valid JSON"))
 }
 
 /// Sets `resourceType`, `id`, `meta.versionId` and `meta.lastUpdated`; they come

@@ -389,6 +389,21 @@ impl Ops for PgOps<'_> {
             .map(|r| r.try_get(0).map_err(pg_err))
             .collect()
     }
+
+    fn text_row(&mut self, q: &Built) -> FhirResult<Option<engine::TextRow>> {
+        let rows = self.query(&q.sql, &bind(&q.params))?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(Some((
+            r.try_get(0).map_err(pg_err)?,
+            r.try_get(1).map_err(pg_err)?,
+            r.try_get(2).map_err(pg_err)?,
+            r.try_get(3).map_err(pg_err)?,
+            r.try_get(4).map_err(pg_err)?,
+            r.try_get(5).map_err(pg_err)?,
+        )))
+    }
 }
 
 // An entry a resource already has (the key is the whole row) is one entry.
@@ -740,11 +755,7 @@ fn read_one(
     rt: &str,
     id: &str,
 ) -> FhirResult<Option<StoredResource>> {
-    let q = Built {
-        sql,
-        params: vec![SqlValue::Text(rt.into()), SqlValue::Text(id.into())],
-    };
-    Ok(o.rows(&q)?.pop().map(|r| r.res))
+    Ok(o.rows(&Built::by_id(&sql, rt, id))?.pop().map(|r| r.res))
 }
 
 impl Store for PgStore {
@@ -766,6 +777,10 @@ impl Store for PgStore {
 
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
         self.with_conn(|o| read_one(o, self.st.read.clone(), resource_type, id))
+    }
+
+    fn read_text(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredText>> {
+        self.with_conn(|o| engine::read_text(o, &self.st.read_text, resource_type, id))
     }
 
     fn vread(

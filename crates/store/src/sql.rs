@@ -81,6 +81,16 @@ pub struct Built {
     pub params: Vec<SqlValue>,
 }
 
+impl Built {
+    /// A statement of [`Statements`] whose `$1`, `$2` are a resource type and id.
+    pub fn by_id(sql: &str, rt: &str, id: &str) -> Built {
+        Built {
+            sql: sql.to_string(),
+            params: vec![SqlValue::Text(rt.into()), SqlValue::Text(id.into())],
+        }
+    }
+}
+
 struct B {
     d: Dialect,
     sql: String,
@@ -131,6 +141,11 @@ impl B {
 pub const RESOURCE_COLUMNS: &str =
     "r.rid, r.rt, r.id, v.version, v.last_updated, v.deleted, v.body, v.author_org";
 
+/// Columns of [`Statements::read_text`], in this order: version, last_updated
+/// (epoch ms), deleted, body, author_org, patient_id.
+pub const TEXT_COLUMNS: &str =
+    "v.version, v.last_updated, v.deleted, v.body, v.author_org, r.patient_id";
+
 const FROM_CURRENT: &str =
     " FROM resource_current r JOIN resource_version v ON v.rid = r.rid AND v.version = r.version";
 
@@ -171,6 +186,8 @@ pub const ABSENT: &str = "";
 #[derive(Debug, Clone)]
 pub struct Statements {
     pub read: String,
+    /// [`TEXT_COLUMNS`] of the current version.
+    pub read_text: String,
     pub vread: String,
     pub current: String,
     pub insert_current: String,
@@ -196,6 +213,7 @@ impl Statements {
         };
         Statements {
             read: d.adapt(&format!("SELECT {RESOURCE_COLUMNS}{FROM_CURRENT} WHERE r.rt = $1 AND r.id = $2")),
+            read_text: d.adapt(&format!("SELECT {TEXT_COLUMNS}{FROM_CURRENT} WHERE r.rt = $1 AND r.id = $2")),
             vread: d.adapt(&format!(
                 "SELECT {RESOURCE_COLUMNS} FROM resource_current r JOIN resource_version v ON v.rid = r.rid \
                  WHERE r.rt = $1 AND r.id = $2 AND v.version = $3"

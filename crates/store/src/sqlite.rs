@@ -584,6 +584,22 @@ impl Ops for SqliteOps<'_> {
             .map_err(db_err)?;
         rows.map(|r| r.map_err(db_err)).collect()
     }
+
+    fn text_row(&mut self, q: &Built) -> FhirResult<Option<engine::TextRow>> {
+        let mut stmt = self.conn.prepare_cached(&q.sql).map_err(db_err)?;
+        stmt.query_row(rusqlite::params_from_iter(q.params.iter()), |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()
+        .map_err(db_err)
+    }
 }
 
 /// Index tables with their column lists and column counts, in the order of
@@ -960,11 +976,7 @@ fn read_one(
     rt: &str,
     id: &str,
 ) -> FhirResult<Option<StoredResource>> {
-    let q = Built {
-        sql: sql.to_string(),
-        params: vec![SqlValue::Text(rt.into()), SqlValue::Text(id.into())],
-    };
-    Ok(o.rows(&q)?.pop().map(|r| r.res))
+    Ok(o.rows(&Built::by_id(sql, rt, id))?.pop().map(|r| r.res))
 }
 
 fn audit_rows(conn: &Connection, q: &Built) -> FhirResult<Vec<AuditEntry>> {
@@ -1010,6 +1022,10 @@ impl Store for SqliteStore {
 
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
         self.with_reader(|o| read_one(o, &self.st.read, resource_type, id))
+    }
+
+    fn read_text(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredText>> {
+        self.with_reader(|o| engine::read_text(o, &self.st.read_text, resource_type, id))
     }
 
     /// A primary-key read is a few B-tree pages, normally cached: tens of

@@ -5,6 +5,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tsunagi_fhir::bundle::{self, Entry, HistoryEntry, Link, etag, parse_etag};
 use tsunagi_fhir::datetime::{format_http_date, format_instant, parse_instant};
@@ -13,7 +14,7 @@ use tsunagi_fhir::{FhirError, Issue, operation_outcome, query};
 use tsunagi_store::{HistoryQuery, StoredResource};
 
 use super::extract::{Caller, FhirJson};
-use super::{ApiResult, accepts_json, fhir_json};
+use super::{ApiResult, FHIR_JSON_UTF8, accepts_json, fhir_json};
 use crate::capability::capability_statement;
 use crate::engine::Written;
 use crate::state::AppState;
@@ -97,12 +98,7 @@ fn resource_response(
         (Return::Representation, None) | (Return::Minimal, _) => status.into_response(),
     };
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
-        h.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&format_http_date(&s.last_updated)) {
-        h.insert(header::LAST_MODIFIED, v);
-    }
+    version_headers(h, s.version, &s.last_updated);
     if location
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{}/{}/{}/_history/{}",
@@ -112,6 +108,15 @@ fn resource_response(
         h.insert(header::LOCATION, v);
     }
     resp
+}
+
+fn version_headers(h: &mut HeaderMap, version: i64, last_updated: &DateTime<Utc>) {
+    if let Ok(v) = HeaderValue::from_str(&etag(version)) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format_http_date(last_updated)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
 }
 
 fn written(state: &AppState, w: Written, ret: Return) -> Response {
@@ -160,14 +165,19 @@ async fn read(
         ))
         .into());
     }
-    let s = state.engine.read(&ctx, &rtype, &id).await?;
-    Ok(resource_response(
-        &state,
+    // the stored text is the answer's body as it is: no parse, no re-serialisation
+    let s = state.engine.read_text(&ctx, &rtype, &id).await?;
+    let mut resp = (
         StatusCode::OK,
-        &s,
-        Return::Representation,
-        false,
-    ))
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(FHIR_JSON_UTF8),
+        )],
+        s.text.unwrap_or_default(),
+    )
+        .into_response();
+    version_headers(resp.headers_mut(), s.version, &s.last_updated);
+    Ok(resp)
 }
 
 async fn vread(

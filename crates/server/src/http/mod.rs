@@ -45,6 +45,9 @@ impl IntoResponse for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// The `Content-Type` of every FHIR answer.
+pub const FHIR_JSON_UTF8: &str = "application/fhir+json; charset=utf-8";
+
 /// A JSON response with the FHIR media type.
 pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
@@ -52,7 +55,7 @@ pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
         status,
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+            HeaderValue::from_static(FHIR_JSON_UTF8),
         )],
         bytes,
     )
