@@ -869,15 +869,15 @@ async fn register_coverage(
     .await?;
     match out {
         Ok(r) => {
-            let body = json!({
-                "resourceType": "Parameters",
-                "parameter": [
-                    {"name": "coverage", "resource": r.coverage.resource},
-                    {"name": "patient", "resource": r.patient.resource},
-                    {"name": "coverageCreated", "valueBoolean": r.coverage_created},
-                    {"name": "patientCreated", "valueBoolean": r.patient_created}
-                ]
-            });
+            let named = |name: &str, r: Option<Value>| {
+                tsunagi_fhir::resource_parameter(name, r.unwrap_or(Value::Null))
+            };
+            let body = tsunagi_fhir::parameters(vec![
+                named("coverage", r.coverage.resource),
+                named("patient", r.patient.resource),
+                json!({"name": "coverageCreated", "valueBoolean": r.coverage_created}),
+                json!({"name": "patientCreated", "valueBoolean": r.patient_created}),
+            ]);
             let status = if r.coverage_created {
                 StatusCode::CREATED
             } else {

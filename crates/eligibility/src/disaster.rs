@@ -495,11 +495,11 @@ async fn do_lookup(
     shared.consent.insert(g.clone());
     Ok(fhir_json(
         StatusCode::OK,
-        &json!({"resourceType": "Parameters", "parameter": [
-            {"name": "patient", "valueReference": {"reference": format!("Patient/{patient}")}},
-            {"name": "declaration", "valueString": decl.id},
-            {"name": "grant", "resource": g.to_resource("active")},
-            {"name": "validUntil", "valueInstant": g.end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}
-        ]}),
+        &tsunagi_fhir::parameters(vec![
+            json!({"name": "patient", "valueReference": {"reference": format!("Patient/{patient}")}}),
+            json!({"name": "declaration", "valueString": decl.id}),
+            tsunagi_fhir::resource_parameter("grant", g.to_resource("active")),
+            json!({"name": "validUntil", "valueInstant": g.end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}),
+        ]),
     ))
 }

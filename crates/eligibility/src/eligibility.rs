@@ -256,22 +256,23 @@ pub fn render(a: Answer, on: NaiveDate) -> Value {
         json!({"name": "message", "valueString": a.message}),
         json!({"name": "date", "valueDate": on.to_string()}),
     ];
+    let named = tsunagi_fhir::resource_parameter;
     if let Some(c) = a.coverage.and_then(|c| c.resource) {
         if eligible {
-            params.push(json!({"name": "coverage", "resource": c}));
+            params.push(named("coverage", c));
         } else if let Some(end) = c.pointer("/period/end") {
             params.push(json!({"name": "endDate", "valueDate": end}));
         }
     }
     if eligible && let Some(p) = a.patient.as_ref().and_then(|p| p.resource.as_ref()) {
-        params.push(json!({"name": "patient", "resource": identity_view(p)}));
+        params.push(named("patient", identity_view(p)));
     }
     if eligible {
         for s in a.subsidies.into_iter().filter_map(|s| s.resource) {
-            params.push(json!({"name": "subsidy", "resource": s}));
+            params.push(named("subsidy", s));
         }
     }
-    json!({"resourceType": "Parameters", "parameter": params})
+    tsunagi_fhir::parameters(params)
 }
 
 /// Whether the caller may ask: staff of a care facility acting for treatment.

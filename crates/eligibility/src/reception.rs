@@ -562,19 +562,18 @@ async fn do_reception(
     let (subsidies, insurance): (Vec<Value>, Vec<Value>) = coverage
         .into_iter()
         .partition(crate::coverage::is_public_expense);
+    // moved in, not given to `json!`, which would deep-copy every Coverage
+    let named = tsunagi_fhir::resource_parameter;
     for c in insurance {
-        out.push(json!({"name": "coverage", "resource": c}));
+        out.push(named("coverage", c));
     }
     shared.subsidies_shown(&subsidies.iter().collect::<Vec<_>>());
     for c in subsidies {
-        out.push(json!({"name": "subsidy", "resource": c}));
+        out.push(named("subsidy", c));
     }
-    out.push(json!({"name": "grant", "resource": grant.to_resource("active")}));
+    out.push(named("grant", grant.to_resource("active")));
     out.push(json!({"name": "validUntil", "valueInstant": grant.end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}));
-    Ok(fhir_json(
-        StatusCode::OK,
-        &json!({"resourceType": "Parameters", "parameter": out}),
-    ))
+    Ok(fhir_json(StatusCode::OK, &tsunagi_fhir::parameters(out)))
 }
 
 /// `POST /fhir/$discharge` {patient}: the facility records a discharge; its live
@@ -625,7 +624,12 @@ async fn discharge(
         }
         Ok(fhir_json(
             StatusCode::OK,
-            &json!({"resourceType": "Parameters", "parameter": ended.iter().map(|g| json!({"name": "ended", "resource": g.to_resource("inactive")})).collect::<Vec<_>>()}),
+            &tsunagi_fhir::parameters(
+                ended
+                    .iter()
+                    .map(|g| tsunagi_fhir::resource_parameter("ended", g.to_resource("inactive")))
+                    .collect(),
+            ),
         ))
     };
     match run.await {

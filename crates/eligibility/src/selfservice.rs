@@ -180,10 +180,7 @@ where
 }
 
 fn searchset(resources: Vec<Value>) -> Value {
-    json!({
-        "resourceType": "Bundle", "type": "searchset", "total": resources.len(),
-        "entry": resources.into_iter().map(|r| json!({"resource": r, "search": {"mode": "match"}})).collect::<Vec<_>>()
-    })
+    tsunagi_fhir::bundle::searchset_of(resources, Some("match"))
 }
 
 async fn my_eligibility(

@@ -598,7 +598,7 @@ fn flush_stats(state: &AppState, shared: &Arc<Shared>) {
 fn alerts_params(issues: Vec<Value>) -> Vec<Value> {
     issues
         .into_iter()
-        .map(|i| json!({"name": "alert", "resource": i}))
+        .map(|i| tsunagi_fhir::resource_parameter("alert", i))
         .collect()
 }
 
@@ -1200,7 +1200,7 @@ async fn receive(
     let mut out = record_params(&rx, false);
     let p = out["parameter"].as_array_mut().expect("parameters");
     for mr in mrs {
-        p.push(json!({"name": "medicationRequest", "resource": mr}));
+        p.push(tsunagi_fhir::resource_parameter("medicationRequest", mr));
     }
     if lock {
         let lines = current_lines(&rx);
@@ -1705,11 +1705,11 @@ async fn my_prescriptions(
             } else {
                 body
             };
-            entries.push(json!({"resource": resource, "search": {"mode": "match"}}));
+            entries.push(resource);
         }
     }
     Ok(fhir_json(
         StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries}),
+        &tsunagi_fhir::bundle::searchset_of(entries, Some("match")),
     ))
 }

@@ -26,7 +26,10 @@ pub fn searchset(total: Option<u64>, links: Vec<Link>, entries: Vec<Entry>) -> V
     let entries: Vec<Value> = entries
         .into_iter()
         .map(|e| {
-            let mut v = json!({ "fullUrl": e.full_url, "resource": e.resource });
+            let mut v = crate::object([
+                ("fullUrl", Value::String(e.full_url)),
+                ("resource", e.resource),
+            ]);
             if let Some(mode) = e.search_mode {
                 v["search"] = json!({ "mode": mode });
             }
@@ -37,6 +40,25 @@ pub fn searchset(total: Option<u64>, links: Vec<Link>, entries: Vec<Entry>) -> V
         b["entry"] = Value::Array(entries);
     }
     b
+}
+
+/// A `searchset` Bundle of resources a service found itself: `total` is their
+/// number, each entry the resource (moved in), with `search.mode` when given.
+pub fn searchset_of(resources: Vec<Value>, mode: Option<&'static str>) -> Value {
+    let total = resources.len();
+    let entries = resources
+        .into_iter()
+        .map(|r| match mode {
+            Some(m) => crate::object([("resource", r), ("search", json!({ "mode": m }))]),
+            None => crate::object([("resource", r)]),
+        })
+        .collect();
+    crate::object([
+        ("resourceType", Value::from("Bundle")),
+        ("type", Value::from("searchset")),
+        ("total", Value::from(total)),
+        ("entry", Value::Array(entries)),
+    ])
 }
 
 /// One version in a `history` Bundle.

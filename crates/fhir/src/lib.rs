@@ -22,3 +22,46 @@ pub use outcome::{FhirError, FhirResult, Issue, Severity, operation_outcome};
 
 /// Media type of FHIR JSON.
 pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// A JSON object of `members` in their order, the values moved in. `json!` is no
+/// use for resources: it serialises every value it is given into a new tree, a
+/// deep copy of the whole resource (measured: a fifth of an eligibility answer's
+/// CPU, with ten subsidies in it).
+pub fn object<const N: usize>(members: [(&str, serde_json::Value); N]) -> serde_json::Value {
+    serde_json::Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+/// A `Parameters.parameter` carrying a resource (moved in, see [`object`]).
+pub fn resource_parameter(name: &str, resource: serde_json::Value) -> serde_json::Value {
+    object([("name", name.into()), ("resource", resource)])
+}
+
+/// A `Parameters` resource of `parameter` (moved in, see [`object`]).
+pub fn parameters(parameter: Vec<serde_json::Value>) -> serde_json::Value {
+    object([
+        ("resourceType", "Parameters".into()),
+        ("parameter", serde_json::Value::Array(parameter)),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn object_keeps_its_members_in_order() {
+        let resource = json!({"resourceType": "Coverage", "id": "c1", "status": "active"});
+        let o = super::object([("name", json!("subsidy")), ("resource", resource.clone())]);
+        assert_eq!(o, json!({"name": "subsidy", "resource": resource}));
+        // the answer's bytes: members in the order given, not sorted
+        assert_eq!(
+            serde_json::to_string(&super::object([("z", json!(1)), ("a", json!(2))])).unwrap(),
+            r#"{"z":1,"a":2}"#
+        );
+    }
+}

@@ -2,7 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tsunagi_fhir::{FhirError, FhirResult};
 use tsunagi_policy::audit::AuditRecord;
 use tsunagi_policy::identity::{OrgKind, Purpose, Role};
@@ -83,14 +83,10 @@ pub fn patient_id(s: &str) -> String {
 
 /// A `searchset` Bundle of stored resources, with its total, answered 200.
 pub fn searchset(found: impl IntoIterator<Item = tsunagi_store::StoredResource>) -> Response {
-    let entries: Vec<Value> = found
-        .into_iter()
-        .filter_map(|s| s.resource)
-        .map(|r| json!({"resource": r}))
-        .collect();
+    let resources = found.into_iter().filter_map(|s| s.resource).collect();
     fhir_json(
         StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries}),
+        &tsunagi_fhir::bundle::searchset_of(resources, None),
     )
 }
 

@@ -1295,8 +1295,7 @@ async fn review_list(State(state): State<AppState>, Caller(ctx): Caller) -> ApiR
     .await?;
     Ok(fhir_json(
         StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": items.len(),
-            "entry": items.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()}),
+        &tsunagi_fhir::bundle::searchset_of(items, None),
     ))
 }
 

@@ -475,8 +475,7 @@ async fn at_reception(
     }
     Ok(fhir_json(
         StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(),
-            "entry": entries.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()}),
+        &tsunagi_fhir::bundle::searchset_of(entries, None),
     ))
 }
 
@@ -781,9 +780,13 @@ async fn municipality_list(
         .into_iter()
         .flat_map(|(_, v, i)| std::iter::once(v).chain(i))
         .filter_map(|s| s.resource)
-        .map(|r| json!({"resource": r}))
+        .map(|r| tsunagi_fhir::object([("resource", r)]))
         .collect();
-    let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "entry": entries});
+    let mut bundle = tsunagi_fhir::object([
+        ("resourceType", Value::from("Bundle")),
+        ("type", Value::from("searchset")),
+        ("entry", Value::Array(entries)),
+    ]);
     // with `given`, the total is known only once every voucher was judged
     if let Some(t) = total {
         bundle["total"] = json!(t);

@@ -53,16 +53,28 @@ pub fn operations() -> Vec<OperationDecl> {
 
 /// A searchset Bundle of stored resources.
 pub fn searchset(matches: &[StoredResource], total: u64) -> Value {
-    json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "entry": matches.iter().filter_map(|m| m.resource.as_ref()).map(|r| json!({
-            "fullUrl": format!("{}/{}", r["resourceType"].as_str().unwrap_or(""), r["id"].as_str().unwrap_or("")),
-            "resource": r,
-            "search": {"mode": "match"},
-        })).collect::<Vec<_>>()
-    })
+    let entries = matches
+        .iter()
+        .filter_map(|m| m.resource.as_ref())
+        .map(|r| {
+            let url = format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap_or(""),
+                r["id"].as_str().unwrap_or("")
+            );
+            tsunagi_fhir::object([
+                ("fullUrl", url.into()),
+                ("resource", r.clone()),
+                ("search", json!({"mode": "match"})),
+            ])
+        })
+        .collect();
+    tsunagi_fhir::object([
+        ("resourceType", "Bundle".into()),
+        ("type", "searchset".into()),
+        ("total", total.into()),
+        ("entry", Value::Array(entries)),
+    ])
 }
 
 async fn referrals(State(state): State<AppState>, Caller(ctx): Caller) -> ApiResult<Response> {

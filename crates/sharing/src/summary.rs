@@ -208,7 +208,12 @@ pub async fn build(
     sections.insert("prescriptions", recent);
     let mut entries: Vec<Value> = pat
         .into_iter()
-        .map(|p| json!({"fullUrl": format!("Patient/{patient}"), "resource": p}))
+        .map(|p| {
+            tsunagi_fhir::object([
+                ("fullUrl", Value::from(format!("Patient/{patient}"))),
+                ("resource", p),
+            ])
+        })
         .collect();
     for s in SECTIONS {
         let mut list = sections.remove(s).unwrap_or_default();
@@ -217,21 +222,24 @@ pub async fn build(
             let rt = r["resourceType"].as_str().unwrap_or("").to_string();
             let id = r["id"].as_str().unwrap_or("").to_string();
             let inst = institution_of(&r).unwrap_or("").to_string();
-            entries.push(json!({
-                "extension": [{"url": SOURCE_EXT, "extension": [
-                    {"url": "section", "valueCode": s},
-                    {"url": "institution", "valueIdentifier": {"system": INSTITUTION_SYSTEM, "value": inst}},
-                    {"url": "date", "valueString": date},
-                ]}],
-                "fullUrl": format!("{rt}/{id}"),
-                "resource": r,
-            }));
+            entries.push(tsunagi_fhir::object([
+                (
+                    "extension",
+                    json!([{"url": SOURCE_EXT, "extension": [
+                        {"url": "section", "valueCode": s},
+                        {"url": "institution", "valueIdentifier": {"system": INSTITUTION_SYSTEM, "value": inst}},
+                        {"url": "date", "valueString": date},
+                    ]}]),
+                ),
+                ("fullUrl", Value::from(format!("{rt}/{id}"))),
+                ("resource", r),
+            ]));
         }
     }
-    Ok(json!({
-        "resourceType": "Bundle",
-        "type": "collection",
-        "timestamp": fmt_instant(now),
-        "entry": entries,
-    }))
+    Ok(tsunagi_fhir::object([
+        ("resourceType", Value::from("Bundle")),
+        ("type", Value::from("collection")),
+        ("timestamp", Value::from(fmt_instant(now))),
+        ("entry", Value::Array(entries)),
+    ]))
 }
