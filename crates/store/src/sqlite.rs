@@ -527,16 +527,7 @@ type RawRow = (
 );
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-    ))
+    RawRow::try_from(r)
 }
 
 impl Ops for SqliteOps<'_> {
@@ -588,14 +579,7 @@ impl Ops for SqliteOps<'_> {
     fn text_row(&mut self, q: &Built) -> FhirResult<Option<engine::TextRow>> {
         let mut stmt = self.conn.prepare_cached(&q.sql).map_err(db_err)?;
         stmt.query_row(rusqlite::params_from_iter(q.params.iter()), |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
+            engine::TextRow::try_from(r)
         })
         .optional()
         .map_err(db_err)
