@@ -104,16 +104,6 @@ fn reference(s: &StoredResource) -> String {
     format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
 }
 
-/// The current version found by a read: 404 when it never existed, 410 when
-/// it is a delete.
-fn present<T>(rt: &str, id: &str, found: Option<T>, deleted: impl Fn(&T) -> bool) -> FhirResult<T> {
-    match found {
-        None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
-        Some(f) if deleted(&f) => Err(FhirError::gone(format!("{rt}/{id} was deleted"))),
-        Some(f) => Ok(f),
-    }
-}
-
 fn labels_of(s: &StoredResource) -> Vec<(String, String)> {
     s.resource
         .as_ref()
@@ -236,23 +226,6 @@ impl Engine {
         }
     }
 
-    /// A point read on the async worker where the store allows it (see
-    /// [`Store::inline_point_reads`]), else on the blocking pool.
-    async fn point_read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Store) -> FhirResult<T> + Send + 'static,
-    ) -> FhirResult<T> {
-        if self.store.inline_point_reads() {
-            let started = std::time::Instant::now();
-            let r = f(&*self.store);
-            record_store_time(started);
-            r
-        } else {
-            let store = self.store.clone();
-            blocking(move || f(&*store)).await
-        }
-    }
-
     /// A read by id: the policy decides, the access is audited ([`Engine::read_text`]),
     /// and the body is parsed.
     pub async fn read(
@@ -276,9 +249,27 @@ impl Engine {
         id: &str,
     ) -> FhirResult<StoredText> {
         check_type(resource_type)?;
-        let (rt, rid) = (resource_type.to_string(), id.to_string());
-        let found = self.point_read(move |s| s.read_text(&rt, &rid)).await?;
-        let found = present(resource_type, id, found, |f| f.deleted)?;
+        let found = if self.store.inline_point_reads() {
+            let started = std::time::Instant::now();
+            let r = self.store.read_text(resource_type, id);
+            record_store_time(started);
+            r?
+        } else {
+            let (store, rt, rid) = (
+                self.store.clone(),
+                resource_type.to_string(),
+                id.to_string(),
+            );
+            blocking(move || store.read_text(&rt, &rid)).await?
+        };
+        let Some(found) = found else {
+            return Err(FhirError::not_found(format!(
+                "{resource_type}/{id} does not exist"
+            )));
+        };
+        if found.deleted {
+            return Err(FhirError::gone(format!("{resource_type}/{id} was deleted")));
+        }
         let touched = format!("{resource_type}/{id}/_history/{}", found.version);
         self.authorize_labeled(
             ctx,
