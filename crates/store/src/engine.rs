@@ -70,6 +70,16 @@ pub(crate) type TextRow = (
     Option<String>,
 );
 
+/// [`crate::Store::read`] with the backend's read statement.
+pub(crate) fn read<O: Ops + ?Sized>(
+    o: &mut O,
+    sql: &str,
+    rt: &str,
+    id: &str,
+) -> FhirResult<Option<StoredResource>> {
+    Ok(o.rows(&Built::by_id(sql, rt, id))?.pop().map(|r| r.res))
+}
+
 /// [`crate::Store::read_text`] with the backend's read statement.
 pub(crate) fn read_text<O: Ops + ?Sized>(
     o: &mut O,

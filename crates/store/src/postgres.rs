@@ -727,7 +727,7 @@ impl Transaction for PgTransaction<'_> {
 
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
         let sql = self.st.read.clone();
-        read_one(&mut self.ops(), sql, resource_type, id)
+        engine::read(&mut self.ops(), &sql, resource_type, id)
     }
 
     fn search(&mut self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult> {
@@ -749,15 +749,6 @@ impl Transaction for PgTransaction<'_> {
     }
 }
 
-fn read_one(
-    o: &mut PgOps<'_>,
-    sql: String,
-    rt: &str,
-    id: &str,
-) -> FhirResult<Option<StoredResource>> {
-    Ok(o.rows(&Built::by_id(&sql, rt, id))?.pop().map(|r| r.res))
-}
-
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
@@ -776,7 +767,7 @@ impl Store for PgStore {
     }
 
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
-        self.with_conn(|o| read_one(o, self.st.read.clone(), resource_type, id))
+        self.with_conn(|o| engine::read(o, &self.st.read, resource_type, id))
     }
 
     fn read_text(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredText>> {

@@ -929,7 +929,7 @@ impl Transaction for SqliteTransaction<'_> {
     }
 
     fn read(&mut self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
-        read_one(&mut self.ops(), &self.st.read, resource_type, id)
+        engine::read(&mut self.ops(), &self.st.read, resource_type, id)
     }
 
     fn search(&mut self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult> {
@@ -952,15 +952,6 @@ impl Transaction for SqliteTransaction<'_> {
         }
         Ok(())
     }
-}
-
-fn read_one(
-    o: &mut SqliteOps<'_>,
-    sql: &str,
-    rt: &str,
-    id: &str,
-) -> FhirResult<Option<StoredResource>> {
-    Ok(o.rows(&Built::by_id(sql, rt, id))?.pop().map(|r| r.res))
 }
 
 fn audit_rows(conn: &Connection, q: &Built) -> FhirResult<Vec<AuditEntry>> {
@@ -1005,7 +996,7 @@ impl Store for SqliteStore {
     }
 
     fn read(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredResource>> {
-        self.with_reader(|o| read_one(o, &self.st.read, resource_type, id))
+        self.with_reader(|o| engine::read(o, &self.st.read, resource_type, id))
     }
 
     fn read_text(&self, resource_type: &str, id: &str) -> FhirResult<Option<StoredText>> {

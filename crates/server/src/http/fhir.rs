@@ -14,7 +14,7 @@ use tsunagi_fhir::{FhirError, Issue, operation_outcome, query};
 use tsunagi_store::{HistoryQuery, StoredResource};
 
 use super::extract::{Caller, FhirJson};
-use super::{ApiResult, FHIR_JSON_UTF8, accepts_json, fhir_json};
+use super::{ApiResult, accepts_json, fhir_json, fhir_text};
 use crate::capability::capability_statement;
 use crate::engine::Written;
 use crate::state::AppState;
@@ -167,15 +167,7 @@ async fn read(
     }
     // the stored text is the answer's body as it is: no parse, no re-serialisation
     let s = state.engine.read_text(&ctx, &rtype, &id).await?;
-    let mut resp = (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(FHIR_JSON_UTF8),
-        )],
-        s.text.unwrap_or_default(),
-    )
-        .into_response();
+    let mut resp = fhir_text(StatusCode::OK, s.text.unwrap_or_default());
     version_headers(resp.headers_mut(), s.version, &s.last_updated);
     Ok(resp)
 }

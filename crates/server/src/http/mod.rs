@@ -45,19 +45,20 @@ impl IntoResponse for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// The `Content-Type` of every FHIR answer.
-pub const FHIR_JSON_UTF8: &str = "application/fhir+json; charset=utf-8";
-
 /// A JSON response with the FHIR media type.
 pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    fhir_text(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
+/// A response with the FHIR media type whose body is JSON text already.
+pub fn fhir_text(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
     (
         status,
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static(FHIR_JSON_UTF8),
+            HeaderValue::from_static("application/fhir+json; charset=utf-8"),
         )],
-        bytes,
+        body.into(),
     )
         .into_response()
 }
