@@ -32,6 +32,7 @@
 //! - `period.start` = 資格取得日, `period.end` = 資格喪失日;
 //! - extension [`LIMIT_CATEGORY_EXT`]: 高額療養費 限度額適用区分, see [`LimitCategory`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::Router;
@@ -40,6 +41,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
 use chrono::NaiveDate;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tsunagi_fhir::search::SearchQuery;
@@ -54,7 +56,7 @@ use tsunagi_server::http::{ApiResult, fhir_json};
 use tsunagi_server::orgs::INSURER_SYSTEM;
 use tsunagi_server::validate::gate;
 use tsunagi_server::{AppState, Validate};
-use tsunagi_store::{Scope, Store, StoredResource, Transaction, WriteContext};
+use tsunagi_store::{Scope, Store, StoredResource, StoredText, Transaction, WriteContext};
 
 /// Identifier system of the platform person's linkage id (stand-in for 機関別符号).
 pub const PERSON_LINK_SYSTEM: &str = "https://tsunagi.dev/fhir/NamingSystem/person-link";
@@ -940,31 +942,25 @@ pub const INSURANCE_TYPE_SYSTEM: &str = "urn:oid:1.2.392.100495.20.2.61";
 /// type `8` as `JP_Coverage_ePrescriptionData_publicPayment` models it), as
 /// registered by municipalities through PMH.
 pub fn is_public_expense(c: &Value) -> bool {
-    c.pointer("/type/coding")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter().any(|x| {
-                x.get("system").and_then(Value::as_str) == Some(INSURANCE_TYPE_SYSTEM)
-                    && x.get("code").and_then(Value::as_str) == Some("8")
-            })
-        })
+    CoverageFacts::of(c).is_public_expense()
 }
 
-/// The public-expense Coverage of a person in force on `on`, read as the platform
-/// (callers decide access and audit), in a stable order (by id).
+/// The public-expense Coverage of a person in force on `on`, as stored (the
+/// texts go into answers unparsed), read as the platform (callers decide
+/// access and audit), in a stable order (by id).
 pub fn current_subsidies(
     store: &dyn Store,
     person_id: &str,
     on: NaiveDate,
-) -> FhirResult<Vec<StoredResource>> {
-    let found = store.search(&person_coverage_query(person_id)?, &Scope::Unrestricted)?;
-    let mut subsidies: Vec<StoredResource> = found
-        .matches
+) -> FhirResult<Vec<StoredText>> {
+    let found = store.search_text(&person_coverage_query(person_id)?, &Scope::Unrestricted)?;
+    let mut subsidies: Vec<StoredText> = found
         .into_iter()
         .filter(|s| {
-            s.resource.as_ref().is_some_and(|c| {
-                is_public_expense(c) && coverage_state(c, on) == CoverageState::Current
-            })
+            s.text
+                .as_deref()
+                .and_then(CoverageFacts::parse)
+                .is_some_and(|c| c.is_public_expense() && c.state(on) == CoverageState::Current)
         })
         .collect();
     subsidies.sort_by(|a, b| a.id.cmp(&b.id));
@@ -981,31 +977,115 @@ pub enum CoverageState {
 }
 
 pub fn coverage_state(c: &Value, on: NaiveDate) -> CoverageState {
-    if c.get("status").and_then(Value::as_str) != Some("active") {
-        return CoverageState::Cancelled;
+    CoverageFacts::of(c).state(on)
+}
+
+/// What eligibility decisions read of a Coverage: status, type, period and
+/// beneficiary, taken from a stored text without building the rest of the
+/// resource (an answer with subsidies judges a dozen Coverage texts), or from
+/// a parsed body. A Coverage whose members have other JSON types than FHIR
+/// gives them has no facts: it is never current and never a subsidy.
+#[derive(Debug, Default, Deserialize)]
+pub struct CoverageFacts<'a> {
+    #[serde(borrow, default)]
+    status: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Codeable<'a>>,
+    #[serde(borrow, default)]
+    period: Option<Period<'a>>,
+    #[serde(borrow, default)]
+    beneficiary: Option<Reference<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Codeable<'a> {
+    #[serde(borrow, default)]
+    coding: Vec<Coding<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Coding<'a> {
+    #[serde(borrow, default)]
+    system: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Period<'a> {
+    #[serde(borrow, default)]
+    start: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    end: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Reference<'a> {
+    #[serde(borrow, default)]
+    reference: Option<Cow<'a, str>>,
+}
+
+impl<'a> CoverageFacts<'a> {
+    /// The facts of a stored text; None when it has none (see above).
+    pub fn parse(text: &'a str) -> Option<CoverageFacts<'a>> {
+        serde_json::from_str(text).ok()
     }
-    let day = |k: &str| {
-        c.pointer(&format!("/period/{k}"))
-            .and_then(Value::as_str)
-            .map(|s| {
+
+    /// The facts of a parsed Coverage (none, see above, when malformed).
+    pub fn of(c: &'a Value) -> CoverageFacts<'a> {
+        CoverageFacts::deserialize(c).unwrap_or_default()
+    }
+
+    /// The Patient id `beneficiary` refers to.
+    pub fn beneficiary(&self) -> Option<&str> {
+        self.beneficiary
+            .as_ref()?
+            .reference
+            .as_deref()?
+            .strip_prefix("Patient/")
+    }
+
+    /// `period.end`, as written.
+    pub fn end(&self) -> Option<&str> {
+        self.period.as_ref()?.end.as_deref()
+    }
+
+    /// See [`is_public_expense`].
+    pub fn is_public_expense(&self) -> bool {
+        self.kind.as_ref().is_some_and(|k| {
+            k.coding.iter().any(|x| {
+                x.system.as_deref() == Some(INSURANCE_TYPE_SYSTEM) && x.code.as_deref() == Some("8")
+            })
+        })
+    }
+
+    /// Where the Coverage stands on `on`.
+    pub fn state(&self, on: NaiveDate) -> CoverageState {
+        if self.status.as_deref() != Some("active") {
+            return CoverageState::Cancelled;
+        }
+        let day = |s: Option<&Cow<'a, str>>| {
+            s.map(|s| {
                 (
                     s.to_string(),
                     s.get(..10)
                         .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()),
                 )
             })
-    };
-    if let Some((s, Some(d))) = day("start")
-        && d > on
-    {
-        return CoverageState::NotStarted(s);
+        };
+        let period = self.period.as_ref();
+        if let Some((s, Some(d))) = day(period.and_then(|p| p.start.as_ref()))
+            && d > on
+        {
+            return CoverageState::NotStarted(s);
+        }
+        if let Some((s, Some(d))) = day(period.and_then(|p| p.end.as_ref()))
+            && d < on
+        {
+            return CoverageState::Ended(s);
+        }
+        CoverageState::Current
     }
-    if let Some((s, Some(d))) = day("end")
-        && d < on
-    {
-        return CoverageState::Ended(s);
-    }
-    CoverageState::Current
 }
 
 #[cfg(test)]
@@ -1094,6 +1174,50 @@ mod tests {
             coverage_state(&c, d("2024-01-01")),
             CoverageState::NotStarted(_)
         ));
+    }
+
+    #[test]
+    fn facts_of_a_text_are_the_facts_of_its_value() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        let c = json!({"resourceType": "Coverage", "status": "active",
+            "extension": [{"url": "x", "valueString": "a \" b"}],
+            "type": {"coding": [{"system": "other", "code": "8"}, {"system": INSURANCE_TYPE_SYSTEM, "code": "8"}]},
+            "beneficiary": {"reference": "Patient/pé"},
+            "period": {"start": "2024-04-01", "end": "2025-03-31T00:00:00+09:00"}});
+        // an escaped character, as another writer may store it
+        let text = c.to_string().replace("pé", "p\\u00e9");
+        assert!(text.contains(r"Patient/p\u00e9"));
+        let (t, v) = (CoverageFacts::parse(&text).unwrap(), CoverageFacts::of(&c));
+        for f in [&t, &v] {
+            assert!(f.is_public_expense());
+            assert_eq!(f.beneficiary(), Some("pé"));
+            assert_eq!(f.end(), Some("2025-03-31T00:00:00+09:00"));
+            assert_eq!(f.state(d("2024-05-01")), CoverageState::Current);
+            assert_eq!(
+                f.state(d("2025-04-01")),
+                CoverageState::Ended("2025-03-31T00:00:00+09:00".into())
+            );
+            assert_eq!(
+                f.state(d("2024-03-31")),
+                CoverageState::NotStarted("2024-04-01".into())
+            );
+        }
+        // members of the wrong JSON type: no facts, so never current, never a subsidy
+        let bad = json!({"status": "active", "period": {"start": 20240401}, "type": {"coding": [{"system": INSURANCE_TYPE_SYSTEM, "code": "8"}]}});
+        assert!(CoverageFacts::parse(&bad.to_string()).is_none());
+        assert_eq!(
+            coverage_state(&bad, d("2024-05-01")),
+            CoverageState::Cancelled
+        );
+        assert!(!is_public_expense(&bad));
+        assert!(CoverageFacts::parse("\"active\"").is_none());
+        let cancelled = json!({"status": "cancelled"}).to_string();
+        assert_eq!(
+            CoverageFacts::parse(&cancelled)
+                .unwrap()
+                .state(d("2024-05-01")),
+            CoverageState::Cancelled
+        );
     }
 
     #[test]

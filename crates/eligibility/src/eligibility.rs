@@ -27,21 +27,22 @@ use axum::response::Response;
 use axum::routing::post;
 use axum::{Extension, Router};
 use chrono::NaiveDate;
+use serde::Deserialize;
 use serde_json::{Value, json};
-use tsunagi_fhir::{FhirError, FhirResult, query};
+use tsunagi_fhir::{FhirError, FhirResult, ParametersText, query};
 use tsunagi_policy::audit::AuditRecord;
 use tsunagi_policy::identity::{Purpose, Role, role_allowed_for};
 use tsunagi_policy::ids::validate_insurer_number;
 use tsunagi_policy::policy::Operation;
 use tsunagi_server::engine::blocking;
 use tsunagi_server::http::extract::{Caller, FhirJson};
-use tsunagi_server::http::{ApiResult, fhir_json};
+use tsunagi_server::http::{ApiResult, fhir_text};
 use tsunagi_server::{AppState, Ctx, OperationDecl};
-use tsunagi_store::{Scope, Store, StoredResource};
+use tsunagi_store::{Scope, Store, StoredText};
 
 use crate::coverage::{
-    CoverageState, INSURANCE_MEMBER_SYSTEM, coverage_id, coverage_state, member_key,
-    parameters_map, today_jst,
+    CoverageFacts, CoverageState, INSURANCE_MEMBER_SYSTEM, coverage_id, member_key, parameters_map,
+    today_jst,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -141,17 +142,51 @@ impl EligibilityQuery {
     }
 }
 
-/// The answer before rendering.
+/// The answer before rendering. Stored resources stay as their stored text:
+/// they go into the answer as they are, unparsed.
 #[derive(Debug, Clone)]
 pub struct Answer {
     /// eligible, ended, not-started, cancelled, not-found
     pub status: &'static str,
     pub message: String,
-    pub coverage: Option<StoredResource>,
-    pub patient: Option<StoredResource>,
+    /// The insurer's Coverage that answered.
+    pub coverage: Option<StoredText>,
+    /// Its `period.end`, told when the coverage has ended.
+    pub end_date: Option<String>,
+    pub patient: Option<StoredText>,
+    /// The identity-confirmation view of the person, when eligible.
+    pub identity: Option<Value>,
     /// Public-expense Coverage (公費・地方単独助成) of the person in force on the day,
     /// when eligible: the insurance and every subsidy in one answer.
-    pub subsidies: Vec<StoredResource>,
+    pub subsidies: Vec<StoredText>,
+}
+
+/// What identity confirmation shows of a person (name in kanji and kana, sex,
+/// birth date), read from the Patient's stored text.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Identity {
+    name: Option<Value>,
+    gender: Option<Value>,
+    birth_date: Option<Value>,
+}
+
+impl Identity {
+    fn view(self, id: &str) -> Value {
+        let mut v = serde_json::Map::new();
+        v.insert("resourceType".into(), "Patient".into());
+        v.insert("id".into(), id.into());
+        for (k, x) in [
+            ("name", self.name),
+            ("gender", self.gender),
+            ("birthDate", self.birth_date),
+        ] {
+            if let Some(x) = x {
+                v.insert(k.into(), x);
+            }
+        }
+        Value::Object(v)
+    }
 }
 
 /// Looks the member up (platform read; see the module docs) and judges eligibility.
@@ -161,12 +196,14 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
         status: "not-found",
         message: "no coverage matches these insurance numbers and birth date".into(),
         coverage: None,
+        end_date: None,
         patient: None,
+        identity: None,
         subsidies: Vec::new(),
     };
     // Registered coverage: primary key derived from the member key.
-    let mut candidates: Vec<StoredResource> = store
-        .read("Coverage", &coverage_id(&key))?
+    let mut candidates: Vec<StoredText> = store
+        .read_text("Coverage", &coverage_id(&key))?
         .filter(|c| !c.deleted)
         .into_iter()
         .collect();
@@ -182,7 +219,7 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
                 ("_count".into(), "10".into()),
             ],
         )?;
-        candidates = store.search(&sq, &Scope::Unrestricted)?.matches;
+        candidates = store.search_text(&sq, &Scope::Unrestricted)?;
     }
     let birth = q.birth_date.to_string();
     for cov in candidates {
@@ -191,34 +228,35 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
         if cov.author_org.as_deref() != Some(q.insurer_number.as_str()) {
             continue;
         }
-        let Some(c) = cov.resource.as_ref() else {
+        let Some(c) = cov.text.as_deref().and_then(CoverageFacts::parse) else {
             continue;
         };
-        let Some(pid) = c
-            .pointer("/beneficiary/reference")
-            .and_then(Value::as_str)
-            .and_then(|r| r.strip_prefix("Patient/"))
+        let Some(pid) = c.beneficiary() else {
+            continue;
+        };
+        let Some(patient) = store.read_text("Patient", pid)?.filter(|p| !p.deleted) else {
+            continue;
+        };
+        let Some(identity) = patient
+            .text
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<Identity>(t).ok())
         else {
             continue;
         };
-        let Some(patient) = store.read("Patient", pid)?.filter(|p| !p.deleted) else {
-            continue;
-        };
-        let born = patient
-            .resource
-            .as_ref()
-            .and_then(|p| p.get("birthDate"))
-            .and_then(Value::as_str);
-        if born != Some(birth.as_str()) {
+        if identity.birth_date.as_ref().and_then(Value::as_str) != Some(birth.as_str()) {
             continue;
         }
-        let (status, message) = match coverage_state(c, q.on) {
+        let state = c.state(q.on);
+        let end_date = c.end().map(str::to_string);
+        let (status, message) = match state {
             CoverageState::Current => ("eligible", format!("coverage is valid on {}", q.on)),
             CoverageState::Ended(d) => ("ended", format!("coverage ended on {d} (資格喪失)")),
             CoverageState::NotStarted(d) => ("not-started", format!("coverage starts on {d}")),
             CoverageState::Cancelled => ("cancelled", "coverage was cancelled".to_string()),
         };
-        let subsidies = if status == "eligible" {
+        let eligible = status == "eligible";
+        let subsidies = if eligible {
             crate::coverage::current_subsidies(store, &patient.id, q.on)?
         } else {
             Vec::new()
@@ -226,7 +264,9 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
         return Ok(Answer {
             status,
             message,
+            identity: eligible.then(|| identity.view(&patient.id)),
             coverage: Some(cov),
+            end_date,
             patient: Some(patient),
             subsidies,
         });
@@ -234,45 +274,33 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
     Ok(not_found())
 }
 
-/// Identity-confirmation view of the person: name (kanji, kana), sex, birth date.
-fn identity_view(p: &Value) -> Value {
-    let mut v = json!({"resourceType": "Patient", "id": p["id"]});
-    for k in ["name", "gender", "birthDate"] {
-        if let Some(x) = p.get(k) {
-            v[k] = x.clone();
-        }
-    }
-    v
-}
-
-/// Renders the answer as a Parameters resource. Takes the answer by value: the
-/// stored resources move into the Parameters instead of being deep-copied (an
-/// answer with subsidies carries a dozen Coverage bodies).
-pub fn render(a: Answer, on: NaiveDate) -> Value {
+/// Renders the answer as a Parameters resource's JSON text, the stored
+/// Coverage texts spliced in as they are.
+pub fn render(a: Answer, on: NaiveDate) -> Vec<u8> {
     let eligible = a.status == "eligible";
-    let mut params = vec![
-        json!({"name": "eligible", "valueBoolean": eligible}),
-        json!({"name": "status", "valueCode": a.status}),
-        json!({"name": "message", "valueString": a.message}),
-        json!({"name": "date", "valueDate": on.to_string()}),
-    ];
-    let named = tsunagi_fhir::resource_parameter;
-    if let Some(c) = a.coverage.and_then(|c| c.resource) {
-        if eligible {
-            params.push(named("coverage", c));
-        } else if let Some(end) = c.pointer("/period/end") {
-            params.push(json!({"name": "endDate", "valueDate": end}));
-        }
-    }
-    if eligible && let Some(p) = a.patient.as_ref().and_then(|p| p.resource.as_ref()) {
-        params.push(named("patient", identity_view(p)));
-    }
+    let mut out = ParametersText::default();
+    out.push(&json!({"name": "eligible", "valueBoolean": eligible}));
+    out.push(&json!({"name": "status", "valueCode": a.status}));
+    out.push(&json!({"name": "message", "valueString": a.message}));
+    out.push(&json!({"name": "date", "valueDate": on.to_string()}));
     if eligible {
-        for s in a.subsidies.into_iter().filter_map(|s| s.resource) {
-            params.push(named("subsidy", s));
+        if let Some(t) = a.coverage.as_ref().and_then(|c| c.text.as_deref()) {
+            out.resource_text("coverage", t);
         }
+        if let Some(p) = a.identity {
+            out.push(&tsunagi_fhir::resource_parameter("patient", p));
+        }
+        for s in &a.subsidies {
+            if let Some(t) = s.text.as_deref() {
+                out.resource_text("subsidy", t);
+            }
+        }
+    } else if a.coverage.is_some()
+        && let Some(end) = a.end_date
+    {
+        out.push(&json!({"name": "endDate", "valueDate": end}));
     }
-    tsunagi_fhir::parameters(params)
+    out.finish()
 }
 
 /// Whether the caller may ask: staff of a care facility acting for treatment.
@@ -332,11 +360,11 @@ async fn eligibility(
     .with_resources(resources);
     rec.reason = Some(format!("eligibility answer: {}", answer.status));
     engine.audit.record(rec).await?;
-    let shown: Vec<&Value> = answer
+    let shown: Vec<&str> = answer
         .subsidies
         .iter()
-        .filter_map(|s| s.resource.as_ref())
+        .filter_map(|s| s.text.as_deref())
         .collect();
     shared.subsidies_shown(&shown);
-    Ok(fhir_json(StatusCode::OK, &render(answer, q.on)))
+    Ok(fhir_text(StatusCode::OK, render(answer, q.on)))
 }

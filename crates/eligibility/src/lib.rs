@@ -59,8 +59,9 @@ pub struct Shared {
 /// knowing who they are or reading the audit trail back. Called on the request
 /// path: an observer only counts, it never blocks or fails the answer.
 pub trait SubsidyObserver: Send + Sync {
-    /// `subsidies` are the public-expense Coverage resources the answer showed.
-    fn shown(&self, at: DateTime<Utc>, subsidies: &[&serde_json::Value]);
+    /// `subsidies` are the JSON texts of the public-expense Coverage resources
+    /// the answer showed (as stored: `$eligibility` sends them on unparsed).
+    fn shown(&self, at: DateTime<Utc>, subsidies: &[&str]);
 }
 
 impl Shared {
@@ -77,7 +78,7 @@ impl Shared {
     }
 
     /// Tells the observers that an answer showed `subsidies` (nothing when empty).
-    pub(crate) fn subsidies_shown(&self, subsidies: &[&serde_json::Value]) {
+    pub(crate) fn subsidies_shown(&self, subsidies: &[&str]) {
         if subsidies.is_empty() {
             return;
         }

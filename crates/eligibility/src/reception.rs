@@ -567,7 +567,8 @@ async fn do_reception(
     for c in insurance {
         out.push(named("coverage", c));
     }
-    shared.subsidies_shown(&subsidies.iter().collect::<Vec<_>>());
+    let texts: Vec<String> = subsidies.iter().map(Value::to_string).collect();
+    shared.subsidies_shown(&texts.iter().map(String::as_str).collect::<Vec<_>>());
     for c in subsidies {
         out.push(named("subsidy", c));
     }

@@ -49,9 +49,88 @@ pub fn parameters(parameter: Vec<serde_json::Value>) -> serde_json::Value {
     ])
 }
 
+/// A `Parameters` resource written as JSON text while it is built, so that a
+/// stored resource goes in as its stored text ([`ParametersText::resource_text`])
+/// instead of being parsed and serialised again. The bytes are those
+/// `serde_json` writes for [`parameters`] of the same parameters.
+#[derive(Debug)]
+pub struct ParametersText {
+    out: Vec<u8>,
+    empty: bool,
+}
+
+impl Default for ParametersText {
+    fn default() -> Self {
+        ParametersText {
+            out: br#"{"resourceType":"Parameters","parameter":["#.to_vec(),
+            empty: true,
+        }
+    }
+}
+
+impl ParametersText {
+    fn next(&mut self) {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+    }
+
+    /// Appends a parameter given as a value.
+    pub fn push(&mut self, parameter: &serde_json::Value) {
+        self.next();
+        // writing a Value (string keys only) into a Vec cannot fail
+        let _ = serde_json::to_writer(&mut self.out, parameter);
+    }
+
+    /// Appends a parameter carrying a resource given as its JSON text. The
+    /// text is a store's, written by `serde_json` (one JSON object), and goes
+    /// in unchecked, as a read by id sends it.
+    pub fn resource_text(&mut self, name: &str, text: &str) {
+        self.next();
+        self.out.extend_from_slice(br#"{"name":"#);
+        let _ = serde_json::to_writer(&mut self.out, name);
+        self.out.extend_from_slice(br#","resource":"#);
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.push(b'}');
+    }
+
+    /// The finished resource's JSON text.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.extend_from_slice(b"]}");
+        self.out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn parameters_text_is_the_parameters_bytes() {
+        let resource = json!({"resourceType": "Coverage", "id": "c\"1", "note": "ア\n"});
+        let text = serde_json::to_string(&resource).unwrap();
+        let value = json!({"name": "status", "valueCode": "eligible"});
+        let empty = super::ParametersText::default().finish();
+        assert_eq!(
+            empty,
+            serde_json::to_vec(&super::parameters(Vec::new())).unwrap()
+        );
+        let mut p = super::ParametersText::default();
+        p.push(&value);
+        p.resource_text("sub\"sidy", &text);
+        p.resource_text("coverage", &text);
+        let want = super::parameters(vec![
+            value,
+            super::resource_parameter("sub\"sidy", resource.clone()),
+            super::resource_parameter("coverage", resource),
+        ]);
+        let got = p.finish();
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            serde_json::to_string(&want).unwrap()
+        );
+    }
 
     #[test]
     fn object_keeps_its_members_in_order() {

@@ -10,11 +10,13 @@
 //! audit trail, which records every answer, by that interval). No person is
 //! named in them.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tsunagi_fhir::FhirResult;
 use tsunagi_fhir::extension::{extension, extensions};
@@ -43,6 +45,33 @@ struct Counts {
     months: BTreeMap<Key, MonthChecks>,
     /// Changed since the last flush.
     dirty: BTreeSet<Key>,
+}
+
+/// The top-level extensions of a shown subsidy, read from its text without
+/// building the rest of the Coverage.
+#[derive(Debug, Default, Deserialize)]
+struct Extensions<'a> {
+    #[serde(borrow, default)]
+    extension: Vec<Extension<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Extension<'a> {
+    #[serde(borrow, default)]
+    url: Option<Cow<'a, str>>,
+    #[serde(rename = "valueString", borrow, default)]
+    value_string: Option<Cow<'a, str>>,
+}
+
+impl Extensions<'_> {
+    /// `valueString` of the first extension `url`.
+    fn string(&self, url: &str) -> Option<&str> {
+        self.extension
+            .iter()
+            .find(|e| e.url.as_deref() == Some(url))?
+            .value_string
+            .as_deref()
+    }
 }
 
 /// The counters, keyed by (municipality, `YYYY-MM`).
@@ -132,17 +161,22 @@ impl CheckCounters {
         }
     }
 
-    /// Counts one answer that showed `subsidies` at `at`.
-    pub fn count(&self, at: DateTime<Utc>, subsidies: &[&Value]) {
+    /// Counts one answer that showed `subsidies` (Coverage JSON texts) at `at`.
+    pub fn count(&self, at: DateTime<Utc>, subsidies: &[&str]) {
         let month = tsunagi_eligibility::cards::jst_date(at)
             .format("%Y-%m")
             .to_string();
+        let read: Vec<Extensions> = subsidies
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap_or_default())
+            .collect();
+        let (municipality, programme) = (ext("municipality"), ext("programme"));
         // programmes shown, per municipality (a programme counts once per answer)
         let mut shown: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for c in subsidies {
-            if let Some(m) = ext_str(c, "municipality") {
+        for c in &read {
+            if let Some(m) = c.string(&municipality) {
                 let e = shown.entry(m).or_default();
-                if let Some(p) = ext_str(c, "programme") {
+                if let Some(p) = c.string(&programme) {
                     e.insert(p);
                 }
             }
@@ -220,7 +254,7 @@ impl CheckCounters {
 pub struct Observer(pub Arc<CheckCounters>);
 
 impl tsunagi_eligibility::SubsidyObserver for Observer {
-    fn shown(&self, at: DateTime<Utc>, subsidies: &[&Value]) {
+    fn shown(&self, at: DateTime<Utc>, subsidies: &[&str]) {
         self.0.count(at, subsidies);
         if self.0.flush_due()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
@@ -239,10 +273,16 @@ impl tsunagi_eligibility::SubsidyObserver for Observer {
 mod tests {
     use super::*;
 
-    fn subsidy(municipality: &str, programme: &str) -> Value {
+    /// A subsidy's text as the eligibility service passes it: other
+    /// extensions (money, nested) before the two the counters read.
+    fn subsidy(municipality: &str, programme: &str) -> String {
         json!({"resourceType": "Coverage", "extension": [
+            {"url": ext("monthly-ceiling"), "valueMoney": {"value": 5000, "currency": "JPY"}},
+            {"url": ext("nested"), "extension": [{"url": "municipality", "valueString": "999999"}]},
             {"url": ext("municipality"), "valueString": municipality},
-            {"url": ext("programme"), "valueString": programme}]})
+            {"url": ext("programme"), "valueString": programme}],
+            "period": {"start": "2026-04-01"}})
+        .to_string()
     }
 
     #[test]
@@ -261,7 +301,8 @@ mod tests {
         let nov: DateTime<Utc> = "2026-11-30T14:59:59Z".parse().unwrap();
         c.count(dec, &[&a54, &a88, &b54]);
         c.count(dec, &[&a54, &a54]);
-        c.count(nov, &[&a88]);
+        // a text that is not a Coverage's counts for no municipality
+        c.count(nov, &[&a88, "[1]", "{\"extension\": 5}"]);
         let d = c.month("131016", "2026-12");
         assert_eq!(d.checks, 2);
         assert_eq!(d.by_programme.get("54"), Some(&2));

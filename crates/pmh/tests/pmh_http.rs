@@ -546,7 +546,11 @@ async fn one_card_returns_insurance_and_subsidies(backend: Backend) {
         {"name": "birthDate", "valueDate": "1980-04-01"}]});
     let e = s.post(&clerk, "/fhir/$eligibility", &q).await;
     assert_eq!(e.status, 200, "{}", e.text);
-    assert_eq!(e.resources("subsidy").len(), 2, "{}", e.text);
+    // the same stored Coverage, in id order
+    let mut shown = subs.clone();
+    shown.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    assert_eq!(e.resources("subsidy"), shown, "{}", e.text);
+    assert_eq!(e.resources("coverage")[0]["id"], "p1-cov2", "{}", e.text);
 
     // the municipality's statistics count both answers, per programme, naming no one
     let m = muni(&s);

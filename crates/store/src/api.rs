@@ -313,6 +313,12 @@ pub trait Store: Send + Sync + 'static {
     /// Runs a search within the scope.
     fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult>;
 
+    /// The page of a search's matches as [`StoredText`]s, in its order and
+    /// paged like [`Store::search`], without parsing a body: for answers that
+    /// send stored resources on as they are. Matches only: a query with
+    /// `_include`, `_revinclude` or `_summary=count` is refused.
+    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<StoredText>>;
+
     /// The ids of a search's matches, in its order and paged like it, without
     /// reading a body: a bulk reader (retention) lists what to look at, then
     /// reads it by `_id` in pages of its own.

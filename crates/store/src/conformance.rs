@@ -111,6 +111,7 @@ macro_rules! conformance_tests {
             repeated_entries_are_one_entry,
             put_stores_what_update_stores,
             read_text_is_the_read_unparsed,
+            search_text_is_the_search_unparsed,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -417,6 +418,90 @@ pub fn read_text_is_the_read_unparsed(h: &dyn Harness) {
     assert_eq!((t.deleted, t.text, t.version), (true, None, 2));
     assert!(s.read_text("Observation", "nope").unwrap().is_none());
     assert!(s.read_text("Patient", "o2").unwrap().is_none());
+}
+
+pub fn search_text_is_the_search_unparsed(h: &dyn Harness) {
+    let s = h.store();
+    seed_clinical(s);
+    let mut tx = s.begin().unwrap();
+    tx.delete("Observation", "o2", None, &ctx("A")).unwrap();
+    tx.commit().unwrap();
+    let by_date = |descending| SortKey {
+        param: "date".into(),
+        param_type: ParamType::Date,
+        descending,
+    };
+    let mut sorted = SearchQuery::new("Observation");
+    sorted.sort.push(by_date(true));
+    let mut second_page = sorted.clone();
+    (second_page.count, second_page.offset) = (1, 1);
+    let mut none = sorted.clone();
+    none.count = 0;
+    let own = Scope::AnyOf(vec![ScopeRule::Patient {
+        id: "p2".into(),
+        types: None,
+    }]);
+    let cases = [
+        (sorted.clone(), Scope::Unrestricted),
+        (second_page, Scope::Unrestricted),
+        (sorted, own.clone()),
+        (SearchQuery::new("Patient"), own),
+        (SearchQuery::new("Organization"), Scope::Unrestricted),
+        (none, Scope::Unrestricted),
+    ];
+    for (q, scope) in cases {
+        let texts = s.search_text(&q, &scope).unwrap();
+        let found = s.search(&q, &scope).unwrap().matches;
+        assert_eq!(texts.len(), found.len(), "{q:?}");
+        for (t, r) in texts.iter().zip(&found) {
+            assert_eq!(
+                t.text.as_deref(),
+                Some(
+                    serde_json::to_string(r.resource.as_ref().unwrap())
+                        .unwrap()
+                        .as_str()
+                )
+            );
+            assert_eq!(t.clone().into_resource().unwrap(), *r);
+            let subject = r.resource.as_ref().and_then(|b| {
+                b.pointer("/subject/reference")
+                    .and_then(Value::as_str)
+                    .map(|x| x.trim_start_matches("Patient/").to_string())
+                    .or_else(|| (r.resource_type == "Patient").then(|| r.id.clone()))
+            });
+            assert_eq!(t.patient, subject, "{}/{}", r.resource_type, r.id);
+        }
+    }
+    let texts = |q: &SearchQuery, scope: &Scope| -> Vec<String> {
+        s.search_text(q, scope)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    };
+    let mut q = SearchQuery::new("Observation");
+    q.sort.push(by_date(false));
+    // the deleted o2 never matches; the order is the sort's
+    assert_eq!(texts(&q, &Scope::Unrestricted), v(&["o1", "o3", "o4"]));
+    q.count = 2;
+    assert_eq!(texts(&q, &Scope::Unrestricted), v(&["o1", "o3"]));
+    assert!(texts(&q, &Scope::AnyOf(Vec::new())).is_empty());
+    // matches only: includes and counts are the full search's
+    q.include.push(Include {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        target_type: None,
+    });
+    assert_eq!(
+        s.search_text(&q, &Scope::Unrestricted).unwrap_err().status,
+        400
+    );
+    let mut q = SearchQuery::new("Observation");
+    q.summary = Summary::Count;
+    assert_eq!(
+        s.search_text(&q, &Scope::Unrestricted).unwrap_err().status,
+        400
+    );
 }
 
 pub fn versions_increase(h: &dyn Harness) {

@@ -56,12 +56,14 @@ pub(crate) trait Ops {
     fn count(&mut self, q: &Built) -> FhirResult<u64>;
     /// Runs a SELECT of one text column.
     fn texts(&mut self, q: &Built) -> FhirResult<Vec<String>>;
-    /// Runs a SELECT returning [`sql::TEXT_COLUMNS`]; its first row.
-    fn text_row(&mut self, q: &Built) -> FhirResult<Option<TextRow>>;
+    /// Runs a SELECT returning [`sql::TEXT_COLUMNS`].
+    fn text_rows(&mut self, q: &Built) -> FhirResult<Vec<TextRow>>;
 }
 
 /// [`sql::TEXT_COLUMNS`] of one row.
 pub(crate) type TextRow = (
+    String,
+    String,
     i64,
     i64,
     bool,
@@ -69,6 +71,20 @@ pub(crate) type TextRow = (
     Option<String>,
     Option<String>,
 );
+
+fn stored_text(row: TextRow) -> FhirResult<StoredText> {
+    let (resource_type, id, version, lu, deleted, text, author_org, patient) = row;
+    Ok(StoredText {
+        resource_type,
+        id,
+        version,
+        last_updated: ms_to_dt(lu)?,
+        deleted,
+        text,
+        patient,
+        author_org,
+    })
+}
 
 /// [`crate::Store::read`] with the backend's read statement.
 pub(crate) fn read<O: Ops + ?Sized>(
@@ -87,20 +103,29 @@ pub(crate) fn read_text<O: Ops + ?Sized>(
     rt: &str,
     id: &str,
 ) -> FhirResult<Option<StoredText>> {
-    let q = Built::by_id(sql, rt, id);
-    let Some((version, lu, deleted, text, author_org, patient)) = o.text_row(&q)? else {
-        return Ok(None);
-    };
-    Ok(Some(StoredText {
-        resource_type: rt.to_string(),
-        id: id.to_string(),
-        version,
-        last_updated: ms_to_dt(lu)?,
-        deleted,
-        text,
-        patient,
-        author_org,
-    }))
+    o.text_rows(&Built::by_id(sql, rt, id))?
+        .pop()
+        .map(stored_text)
+        .transpose()
+}
+
+/// [`crate::Store::search_text`]: the page of matches as stored texts.
+pub(crate) fn search_text<O: Ops + ?Sized>(
+    o: &mut O,
+    q: &SearchQuery,
+    scope: &Scope,
+) -> FhirResult<Vec<StoredText>> {
+    if !q.include.is_empty() || !q.revinclude.is_empty() || q.summary == Summary::Count {
+        return Err(FhirError::bad_request(
+            None,
+            "a search for stored texts returns its matches only (no _include, _revinclude or _summary=count)",
+        ));
+    }
+    if q.count == 0 {
+        return Ok(Vec::new());
+    }
+    let b = sql::search_text_page(o.dialect(), q, scope)?;
+    o.text_rows(&b)?.into_iter().map(stored_text).collect()
 }
 
 /// The ids of a search's matches in its order, paged like it (no bodies read).

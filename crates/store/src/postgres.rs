@@ -390,19 +390,22 @@ impl Ops for PgOps<'_> {
             .collect()
     }
 
-    fn text_row(&mut self, q: &Built) -> FhirResult<Option<engine::TextRow>> {
-        let rows = self.query(&q.sql, &bind(&q.params))?;
-        let Some(r) = rows.first() else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.try_get(0).map_err(pg_err)?,
-            r.try_get(1).map_err(pg_err)?,
-            r.try_get(2).map_err(pg_err)?,
-            r.try_get(3).map_err(pg_err)?,
-            r.try_get(4).map_err(pg_err)?,
-            r.try_get(5).map_err(pg_err)?,
-        )))
+    fn text_rows(&mut self, q: &Built) -> FhirResult<Vec<engine::TextRow>> {
+        self.query(&q.sql, &bind(&q.params))?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(pg_err)?,
+                    r.try_get(1).map_err(pg_err)?,
+                    r.try_get(2).map_err(pg_err)?,
+                    r.try_get(3).map_err(pg_err)?,
+                    r.try_get(4).map_err(pg_err)?,
+                    r.try_get(5).map_err(pg_err)?,
+                    r.try_get(6).map_err(pg_err)?,
+                    r.try_get(7).map_err(pg_err)?,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -802,6 +805,10 @@ impl Store for PgStore {
 
     fn search_ids(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<String>> {
         self.with_conn(|o| engine::search_ids(o, query, scope))
+    }
+
+    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<StoredText>> {
+        self.with_conn(|o| engine::search_text(o, query, scope))
     }
 
     fn search_latest(

@@ -141,10 +141,11 @@ impl B {
 pub const RESOURCE_COLUMNS: &str =
     "r.rid, r.rt, r.id, v.version, v.last_updated, v.deleted, v.body, v.author_org";
 
-/// Columns of [`Statements::read_text`], in this order: version, last_updated
-/// (epoch ms), deleted, body, author_org, patient_id.
+/// Columns of the statements that return stored texts ([`Statements::read_text`],
+/// [`search_text_page`]), in this order: rt, id, version, last_updated (epoch
+/// ms), deleted, body, author_org, patient_id.
 pub const TEXT_COLUMNS: &str =
-    "v.version, v.last_updated, v.deleted, v.body, v.author_org, r.patient_id";
+    "r.rt, r.id, v.version, v.last_updated, v.deleted, v.body, v.author_org, r.patient_id";
 
 const FROM_CURRENT: &str =
     " FROM resource_current r JOIN resource_version v ON v.rid = r.rid AND v.version = r.version";
@@ -974,13 +975,22 @@ fn sort_sql(b: &mut B, rt: &str, sort: &[SortKey]) -> FhirResult<()> {
 
 /// The page of matches: [`RESOURCE_COLUMNS`], ordered and paged.
 pub fn search_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Built> {
+    page_of(d, q, scope, RESOURCE_COLUMNS)
+}
+
+/// The page of matches as [`TEXT_COLUMNS`], ordered and paged like [`search_page`].
+pub fn search_text_page(d: Dialect, q: &SearchQuery, scope: &Scope) -> FhirResult<Built> {
+    page_of(d, q, scope, TEXT_COLUMNS)
+}
+
+fn page_of(d: Dialect, q: &SearchQuery, scope: &Scope, columns: &str) -> FhirResult<Built> {
     // The page is chosen over the current rows alone and only its rows are
     // joined to their bodies: ordering every match with its body (as a plain
     // ORDER BY ... LIMIT does) reads and sorts all the matched bodies for
     // every page.
     let mut b = B::new(d);
     b.s("SELECT ")
-        .s(RESOURCE_COLUMNS)
+        .s(columns)
         .s(FROM_CURRENT)
         .s(" WHERE r.rid IN (SELECT r.rid FROM resource_current r");
     search_where(&mut b, q, scope);

@@ -576,12 +576,13 @@ impl Ops for SqliteOps<'_> {
         rows.map(|r| r.map_err(db_err)).collect()
     }
 
-    fn text_row(&mut self, q: &Built) -> FhirResult<Option<engine::TextRow>> {
+    fn text_rows(&mut self, q: &Built) -> FhirResult<Vec<engine::TextRow>> {
         let mut stmt = self.conn.prepare_cached(&q.sql).map_err(db_err)?;
-        stmt.query_row(rusqlite::params_from_iter(q.params.iter()), |r| {
+        stmt.query_map(rusqlite::params_from_iter(q.params.iter()), |r| {
             engine::TextRow::try_from(r)
         })
-        .optional()
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
         .map_err(db_err)
     }
 }
@@ -1039,6 +1040,10 @@ impl Store for SqliteStore {
 
     fn search_ids(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<String>> {
         self.with_reader(|o| engine::search_ids(o, query, scope))
+    }
+
+    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<StoredText>> {
+        self.with_reader(|o| engine::search_text(o, query, scope))
     }
 
     fn search_latest(
