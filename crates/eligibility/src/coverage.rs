@@ -955,6 +955,7 @@ pub fn current_subsidies(
 ) -> FhirResult<Vec<StoredText>> {
     let found = store.search_text(&person_coverage_query(person_id)?, &Scope::Unrestricted)?;
     let mut subsidies: Vec<StoredText> = found
+        .matches
         .into_iter()
         .filter(|s| {
             s.text

@@ -219,7 +219,7 @@ pub fn lookup(store: &dyn Store, q: &EligibilityQuery) -> FhirResult<Answer> {
                 ("_count".into(), "10".into()),
             ],
         )?;
-        candidates = store.search_text(&sq, &Scope::Unrestricted)?;
+        candidates = store.search_text(&sq, &Scope::Unrestricted)?.matches;
     }
     let birth = q.birth_date.to_string();
     for cov in candidates {

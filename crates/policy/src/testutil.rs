@@ -48,7 +48,7 @@ impl Store for FakeStore {
     fn search_ids(&self, _: &SearchQuery, _: &Scope) -> FhirResult<Vec<String>> {
         unsupported()
     }
-    fn search_text(&self, _: &SearchQuery, _: &Scope) -> FhirResult<Vec<StoredText>> {
+    fn search_text(&self, _: &SearchQuery, _: &Scope) -> FhirResult<TextPage> {
         unsupported()
     }
     fn search_latest(&self, _: &SearchQuery, _: &Scope, _: &LatestPer) -> FhirResult<SearchResult> {

@@ -21,8 +21,8 @@ use tsunagi_policy::audit::{AuditRecord, AuditSink, Outcome};
 use tsunagi_policy::identity::{Principal, Purpose};
 use tsunagi_policy::policy::{AccessRequest, Decision, Operation, Policy};
 use tsunagi_store::{
-    HistoryQuery, LatestPer, Scope, SearchResult, Store, StoredResource, StoredText, Transaction,
-    WriteContext,
+    HistoryQuery, LatestPer, Scope, SearchResult, Store, StoredResource, StoredText, TextPage,
+    Transaction, WriteContext,
 };
 
 use crate::validate::{Validate, check_shape, gate};
@@ -102,6 +102,10 @@ pub fn check_type(resource_type: &str) -> FhirResult<()> {
 
 fn reference(s: &StoredResource) -> String {
     format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
+}
+
+fn text_reference(t: &StoredText) -> String {
+    format!("{}/{}/_history/{}", t.resource_type, t.id, t.version)
 }
 
 fn labels_of(s: &StoredResource) -> Vec<(String, String)> {
@@ -191,10 +195,21 @@ impl Engine {
         op: Operation,
         resources: &[&StoredResource],
     ) -> FhirResult<()> {
+        let touched = resources.iter().map(|r| (patient_of(r), reference(r)));
+        self.audit_touched(ctx, op, touched).await
+    }
+
+    /// [`Engine::audit_reads`] of `(patient, versioned reference)` pairs.
+    async fn audit_touched(
+        &self,
+        ctx: &Ctx,
+        op: Operation,
+        touched: impl Iterator<Item = (Option<String>, String)>,
+    ) -> FhirResult<()> {
         let mut by_patient: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for r in resources {
-            if let Some(p) = patient_of(r) {
-                by_patient.entry(p).or_default().push(reference(r));
+        for (patient, reference) in touched {
+            if let Some(p) = patient {
+                by_patient.entry(p).or_default().push(reference);
             }
         }
         if by_patient.is_empty() {
@@ -270,7 +285,7 @@ impl Engine {
         if found.deleted {
             return Err(FhirError::gone(format!("{resource_type}/{id} was deleted")));
         }
-        let touched = format!("{resource_type}/{id}/_history/{}", found.version);
+        let touched = text_reference(&found);
         self.authorize_labeled(
             ctx,
             Operation::Read,
@@ -361,6 +376,25 @@ impl Engine {
             store.search_latest(q, scope, &latest)
         })
         .await
+    }
+
+    /// [`Engine::search`] answered with the page's stored texts, unparsed
+    /// ([`Store::search_text`]): the same scope and the same audit records,
+    /// the patient of each match taken from its `patient` column. Matches and
+    /// total only (no `_include`, `_revinclude` or `_summary=count`).
+    pub async fn search_text(&self, ctx: &Ctx, query: SearchQuery) -> FhirResult<TextPage> {
+        check_type(&query.resource_type)?;
+        let scope = self.scope(ctx, &query.resource_type).await?;
+        let store = self.store.clone();
+        let started = std::time::Instant::now();
+        let page = blocking(move || store.search_text(&query, &scope)).await?;
+        metrics::histogram!("tsunagi_search_seconds").record(started.elapsed().as_secs_f64());
+        let touched = page
+            .matches
+            .iter()
+            .map(|t| (t.patient.clone(), text_reference(t)));
+        self.audit_touched(ctx, Operation::Search, touched).await?;
+        Ok(page)
     }
 
     /// Runs `run` under the caller's scope from the policy and audits every

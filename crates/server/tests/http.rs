@@ -447,6 +447,29 @@ async fn search(backend: Backend) {
     assert_eq!(rev, sorted(vec![o1.clone(), o1b.clone()]));
     assert_eq!(b["total"], 1, "total counts matches only");
 
+    // a page of matches alone is sent as the stored texts; a search with an
+    // include that finds nothing is parsed: the same entries and total
+    let texts = s
+        .search(&t, "Observation", &[("patient", &p1), ("_sort", "-_id")])
+        .await;
+    let parsed = s
+        .search(
+            &t,
+            "Observation",
+            &[
+                ("patient", &p1),
+                ("_sort", "-_id"),
+                ("_include", "Observation:performer"),
+            ],
+        )
+        .await;
+    assert_eq!(match_ids(&texts).len(), 2, "{texts}");
+    assert_eq!(texts["entry"], parsed["entry"]);
+    assert_eq!(
+        (&texts["total"], &texts["type"]),
+        (&parsed["total"], &parsed["type"])
+    );
+
     // _count paging: the next links walk every match exactly once
     let mut paged = Vec::new();
     for i in 0..7 {

@@ -233,6 +233,15 @@ pub struct SearchResult {
     pub included: Vec<StoredResource>,
 }
 
+/// A page of a search's matches as their stored texts ([`Store::search_text`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TextPage {
+    /// Total matches (ignoring paging), as [`SearchResult::total`].
+    pub total: u64,
+    /// The page of matches, in order.
+    pub matches: Vec<StoredText>,
+}
+
 /// One appended audit record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {
@@ -313,11 +322,11 @@ pub trait Store: Send + Sync + 'static {
     /// Runs a search within the scope.
     fn search(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<SearchResult>;
 
-    /// The page of a search's matches as [`StoredText`]s, in its order and
-    /// paged like [`Store::search`], without parsing a body: for answers that
-    /// send stored resources on as they are. Matches only: a query with
+    /// [`Store::search`] with the page of matches as [`StoredText`]s, in its
+    /// order and paged like it, without parsing a body: for answers that send
+    /// stored resources on as they are. Matches and total only: a query with
     /// `_include`, `_revinclude` or `_summary=count` is refused.
-    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<StoredText>>;
+    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<TextPage>;
 
     /// The ids of a search's matches, in its order and paged like it, without
     /// reading a body: a bulk reader (retention) lists what to look at, then

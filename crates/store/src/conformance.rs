@@ -450,8 +450,10 @@ pub fn search_text_is_the_search_unparsed(h: &dyn Harness) {
         (none, Scope::Unrestricted),
     ];
     for (q, scope) in cases {
-        let texts = s.search_text(&q, &scope).unwrap();
-        let found = s.search(&q, &scope).unwrap().matches;
+        let page = s.search_text(&q, &scope).unwrap();
+        let full = s.search(&q, &scope).unwrap();
+        assert_eq!(page.total, full.total, "{q:?}");
+        let (texts, found) = (page.matches, full.matches);
         assert_eq!(texts.len(), found.len(), "{q:?}");
         for (t, r) in texts.iter().zip(&found) {
             assert_eq!(
@@ -475,6 +477,7 @@ pub fn search_text_is_the_search_unparsed(h: &dyn Harness) {
     let texts = |q: &SearchQuery, scope: &Scope| -> Vec<String> {
         s.search_text(q, scope)
             .unwrap()
+            .matches
             .into_iter()
             .map(|t| t.id)
             .collect()
@@ -485,6 +488,12 @@ pub fn search_text_is_the_search_unparsed(h: &dyn Harness) {
     assert_eq!(texts(&q, &Scope::Unrestricted), v(&["o1", "o3", "o4"]));
     q.count = 2;
     assert_eq!(texts(&q, &Scope::Unrestricted), v(&["o1", "o3"]));
+    // a full page counts the rest; a page past the end still knows the total
+    assert_eq!(s.search_text(&q, &Scope::Unrestricted).unwrap().total, 3);
+    q.offset = 5;
+    let past = s.search_text(&q, &Scope::Unrestricted).unwrap();
+    assert_eq!((past.total, past.matches.len()), (3, 0));
+    q.offset = 0;
     assert!(texts(&q, &Scope::AnyOf(Vec::new())).is_empty());
     // matches only: includes and counts are the full search's
     q.include.push(Include {

@@ -11,7 +11,7 @@ use tsunagi_fhir::search::{IndexEntry, SearchQuery, Summary};
 use tsunagi_fhir::{FhirError, FhirResult};
 
 use crate::api::{
-    AuditEntry, Scope, SearchResult, StoredResource, StoredText, WriteContext, Written,
+    AuditEntry, Scope, SearchResult, StoredResource, StoredText, TextPage, WriteContext, Written,
 };
 use crate::audit;
 use crate::sql::{self, Built, Dialect};
@@ -114,18 +114,34 @@ pub(crate) fn search_text<O: Ops + ?Sized>(
     o: &mut O,
     q: &SearchQuery,
     scope: &Scope,
-) -> FhirResult<Vec<StoredText>> {
+) -> FhirResult<TextPage> {
     if !q.include.is_empty() || !q.revinclude.is_empty() || q.summary == Summary::Count {
         return Err(FhirError::bad_request(
             None,
             "a search for stored texts returns its matches only (no _include, _revinclude or _summary=count)",
         ));
     }
-    if q.count == 0 {
-        return Ok(Vec::new());
-    }
-    let b = sql::search_text_page(o.dialect(), q, scope)?;
-    o.text_rows(&b)?.into_iter().map(stored_text).collect()
+    let d = o.dialect();
+    let matches = if q.count == 0 {
+        Vec::new()
+    } else {
+        let b = sql::search_text_page(d, q, scope)?;
+        o.text_rows(&b)?
+            .into_iter()
+            .map(stored_text)
+            .collect::<FhirResult<Vec<_>>>()?
+    };
+    let total = match page_total(q.count, q.offset, matches.len()) {
+        Some(t) => t,
+        None => o.count(&sql::search_count(d, q, scope))?,
+    };
+    Ok(TextPage { total, matches })
+}
+
+/// A search's total when its page tells it (a page short of `count`, not past
+/// the end), without counting.
+fn page_total(count: usize, offset: usize, n: usize) -> Option<u64> {
+    (count > 0 && n < count && (n > 0 || offset == 0)).then_some((offset + n) as u64)
 }
 
 /// The ids of a search's matches in its order, paged like it (no bodies read).
@@ -616,10 +632,9 @@ pub(crate) fn search<O: Ops + ?Sized>(
         });
     }
     let rows = o.rows(&sql::search_page(d, q, scope)?)?;
-    let total = if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
-        (q.offset + rows.len()) as u64
-    } else {
-        o.count(&sql::search_count(d, q, scope))?
+    let total = match page_total(q.count, q.offset, rows.len()) {
+        Some(t) => t,
+        None => o.count(&sql::search_count(d, q, scope))?,
     };
     let included = includes(o, q, &rows, scope)?;
     Ok(SearchResult {
@@ -657,10 +672,9 @@ pub(crate) fn search_latest<O: Ops + ?Sized>(
         });
     }
     let rows = o.rows(&sql::search_latest_page(d, q, scope, latest)?)?;
-    let total = if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
-        (q.offset + rows.len()) as u64
-    } else {
-        o.count(&sql::search_latest_count(d, q, scope, latest))?
+    let total = match page_total(q.count, q.offset, rows.len()) {
+        Some(t) => t,
+        None => o.count(&sql::search_latest_count(d, q, scope, latest))?,
     };
     let included = includes(o, q, &rows, scope)?;
     Ok(SearchResult {
@@ -724,10 +738,9 @@ pub(crate) fn patient_compartment<O: Ops + ?Sized>(
     } else {
         o.rows(&sql::compartment_page(d, patient_id, scope, count, offset))?
     };
-    let total = if count > 0 && rows.len() < count && (!rows.is_empty() || offset == 0) {
-        (offset + rows.len()) as u64
-    } else {
-        o.count(&sql::compartment_count(d, patient_id, scope))?
+    let total = match page_total(count, offset, rows.len()) {
+        Some(t) => t,
+        None => o.count(&sql::compartment_count(d, patient_id, scope))?,
     };
     Ok(SearchResult {
         total,

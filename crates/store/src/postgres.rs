@@ -807,7 +807,7 @@ impl Store for PgStore {
         self.with_conn(|o| engine::search_ids(o, query, scope))
     }
 
-    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<StoredText>> {
+    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<TextPage> {
         self.with_conn(|o| engine::search_text(o, query, scope))
     }
 

@@ -1042,7 +1042,7 @@ impl Store for SqliteStore {
         self.with_reader(|o| engine::search_ids(o, query, scope))
     }
 
-    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<Vec<StoredText>> {
+    fn search_text(&self, query: &SearchQuery, scope: &Scope) -> FhirResult<TextPage> {
         self.with_reader(|o| engine::search_text(o, query, scope))
     }
 

@@ -419,7 +419,17 @@ async fn run_search(
     let parsed = query::parse_with(&rtype, &pairs, prefer_lenient(headers))?;
     let q = parsed.query;
     let (count, offset, summary) = (q.count, q.offset, q.summary);
-    let result = state.engine.search(&ctx, q).await?;
+    // A page of matches alone is sent as the stored texts, unparsed; includes
+    // and counts go the parsed way.
+    let found = if q.include.is_empty() && q.revinclude.is_empty() && summary != Summary::Count {
+        Found::Texts(state.engine.search_text(&ctx, q).await?)
+    } else {
+        Found::Parsed(state.engine.search(&ctx, q).await?)
+    };
+    let total = match &found {
+        Found::Texts(p) => p.total,
+        Found::Parsed(r) => r.total,
+    };
     let base = &state.engine.base_url;
     let link = |off: usize| {
         let mut ser = form_urlencoded::Serializer::new(String::new());
@@ -442,7 +452,7 @@ async fn run_search(
             relation: "first",
             url: link(0),
         });
-        if (offset + count) < result.total as usize {
+        if (offset + count) < total as usize {
             links.push(Link {
                 relation: "next",
                 url: link(offset + count),
@@ -455,19 +465,25 @@ async fn run_search(
             });
         }
     }
-    let mut entries: Vec<Entry> = result
-        .matches
-        .into_iter()
-        .map(|s| entry(base, s, "match"))
-        .chain(
-            result
-                .included
-                .into_iter()
-                .map(|s| entry(base, s, "include")),
-        )
-        .collect();
+    let mut out = bundle::SearchsetText::new(Some(total), links);
+    match found {
+        Found::Texts(page) => {
+            for t in &page.matches {
+                let url = format!("{base}/{}/{}", t.resource_type, t.id);
+                out.entry_text(&url, t.text.as_deref().unwrap_or("null"), Some("match"));
+            }
+        }
+        Found::Parsed(result) => {
+            for s in result.matches {
+                out.entry(entry(base, s, "match"));
+            }
+            for s in result.included {
+                out.entry(entry(base, s, "include"));
+            }
+        }
+    }
     if !parsed.ignored.is_empty() {
-        entries.push(Entry {
+        out.entry(Entry {
             full_url: format!("urn:uuid:{}", uuid::Uuid::new_v4()),
             resource: operation_outcome(&[Issue::warning(
                 "not-supported",
@@ -480,10 +496,13 @@ async fn run_search(
             search_mode: Some("outcome"),
         });
     }
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle::searchset(Some(result.total), links, entries),
-    ))
+    Ok(fhir_text(StatusCode::OK, out.finish()))
+}
+
+/// What a REST search found: stored texts, or parsed resources (with includes).
+enum Found {
+    Texts(tsunagi_store::TextPage),
+    Parsed(tsunagi_store::SearchResult),
 }
 
 fn entry(base: &str, s: StoredResource, mode: &'static str) -> Entry {
