@@ -151,7 +151,7 @@ pub struct Answer {
     pub message: String,
     /// The insurer's Coverage that answered.
     pub coverage: Option<StoredText>,
-    /// Its `period.end`, told when the coverage has ended.
+    /// Its `period.end`, told in an answer that is not eligible.
     pub end_date: Option<String>,
     pub patient: Option<StoredText>,
     /// The identity-confirmation view of the person, when eligible.
