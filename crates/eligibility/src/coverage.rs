@@ -633,10 +633,6 @@ pub struct Registrar<'a> {
     pub today: NaiveDate,
 }
 
-fn reference(s: &StoredResource) -> String {
-    format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
-}
-
 /// Content equality ignoring `meta` (so an unchanged re-registration writes nothing).
 fn same_content(stored: &StoredResource, new: &Value) -> bool {
     let Some(old) = stored.resource.as_ref() else {
@@ -712,7 +708,7 @@ impl Registrar<'_> {
                 self.decide(Operation::Create, "Patient", &pid, None, "Patient".into())?;
                 self.gate(&new_patient)?;
                 let s = tx.update("Patient", &pid, new_patient, None, &wctx)?.0;
-                written.push(reference(&s));
+                written.push(s.reference());
                 (s, true)
             }
             Some(cur) => {
@@ -726,10 +722,10 @@ impl Registrar<'_> {
                     } else {
                         (Operation::Create, None)
                     };
-                    self.decide(op, "Patient", &pid, author, reference(&cur))?;
+                    self.decide(op, "Patient", &pid, author, cur.reference())?;
                     self.gate(&new_patient)?;
                     let s = tx.update("Patient", &pid, new_patient, None, &wctx)?.0;
-                    written.push(reference(&s));
+                    written.push(s.reference());
                     (s, false)
                 } else {
                     (cur, false)
@@ -749,24 +745,24 @@ impl Registrar<'_> {
                     "Coverage",
                     &pid,
                     c.author_org.clone(),
-                    reference(&c),
+                    c.reference(),
                 )?;
                 // moving a coverage to another person needs the right to write for them too
                 self.gate(&new_cov)?;
                 let s = tx.update("Coverage", &cid, new_cov, None, &wctx)?.0;
-                written.push(reference(&s));
+                written.push(s.reference());
                 (s, false)
             }
             None => {
                 self.decide(Operation::Create, "Coverage", &pid, None, "Coverage".into())?;
                 self.gate(&new_cov)?;
                 let s = tx.update("Coverage", &cid, new_cov, None, &wctx)?.0;
-                written.push(reference(&s));
+                written.push(s.reference());
                 (s, true)
             }
         };
         let resources = if written.is_empty() {
-            vec![reference(&patient), reference(&coverage)]
+            vec![patient.reference(), coverage.reference()]
         } else {
             written
         };

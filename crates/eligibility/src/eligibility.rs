@@ -339,17 +339,12 @@ async fn eligibility(
     let store = engine.store.clone();
     let q2 = q.clone();
     let answer = blocking(move || lookup(&*store, &q2)).await?;
-    let mut resources = Vec::new();
-    for s in [&answer.coverage, &answer.patient]
+    let resources = [&answer.coverage, &answer.patient]
         .into_iter()
         .flatten()
         .chain(answer.subsidies.iter())
-    {
-        resources.push(format!(
-            "{}/{}/_history/{}",
-            s.resource_type, s.id, s.version
-        ));
-    }
+        .map(StoredText::reference)
+        .collect();
     let mut rec = AuditRecord::new(
         &ctx.principal,
         ctx.purpose,

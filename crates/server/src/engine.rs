@@ -100,14 +100,6 @@ pub fn check_type(resource_type: &str) -> FhirResult<()> {
     }
 }
 
-fn reference(s: &StoredResource) -> String {
-    format!("{}/{}/_history/{}", s.resource_type, s.id, s.version)
-}
-
-fn text_reference(t: &StoredText) -> String {
-    format!("{}/{}/_history/{}", t.resource_type, t.id, t.version)
-}
-
 fn labels_of(s: &StoredResource) -> Vec<(String, String)> {
     s.resource
         .as_ref()
@@ -195,7 +187,7 @@ impl Engine {
         op: Operation,
         resources: &[&StoredResource],
     ) -> FhirResult<()> {
-        let touched = resources.iter().map(|r| (patient_of(r), reference(r)));
+        let touched = resources.iter().map(|r| (patient_of(r), r.reference()));
         self.audit_touched(ctx, op, touched).await
     }
 
@@ -285,7 +277,7 @@ impl Engine {
         if found.deleted {
             return Err(FhirError::gone(format!("{resource_type}/{id} was deleted")));
         }
-        let touched = text_reference(&found);
+        let touched = found.reference();
         self.authorize_labeled(
             ctx,
             Operation::Read,
@@ -296,18 +288,8 @@ impl Engine {
             vec![touched.clone()],
         )
         .await?;
-        if let Some(p) = &found.patient {
-            let rec = audit_record(
-                ctx,
-                Operation::Read,
-                Some(p.clone()),
-                vec![touched],
-                Outcome::Success,
-                200,
-                None,
-            );
-            self.audit.record_many(vec![rec]).await?;
-        }
+        let read = std::iter::once((found.patient.clone(), touched));
+        self.audit_touched(ctx, Operation::Read, read).await?;
         Ok(found)
     }
 
@@ -346,7 +328,7 @@ impl Engine {
             patient,
             author,
             labels_of(&cur),
-            vec![reference(&v)],
+            vec![v.reference()],
         )
         .await?;
         if v.deleted {
@@ -392,7 +374,7 @@ impl Engine {
         let touched = page
             .matches
             .iter()
-            .map(|t| (t.patient.clone(), text_reference(t)));
+            .map(|t| (t.patient.clone(), t.reference()));
         self.audit_touched(ctx, Operation::Search, touched).await?;
         Ok(page)
     }
@@ -434,7 +416,7 @@ impl Engine {
             "Patient",
             Some(patient.id.clone()),
             patient.author_org.clone(),
-            vec![reference(&patient)],
+            vec![patient.reference()],
         )
         .await?;
         let scope = self.scope(ctx, "Patient").await?;
@@ -668,7 +650,7 @@ impl WriteWork {
             &self.ctx,
             op,
             patient,
-            vec![reference(stored)],
+            vec![stored.reference()],
             Outcome::Success,
             if op == Operation::Create { 201 } else { 200 },
             None,
@@ -774,7 +756,7 @@ impl WriteWork {
             rt,
             patient.clone(),
             current.author_org.clone(),
-            vec![reference(&current)],
+            vec![current.reference()],
         ) {
             return Ok(Err(d));
         }
@@ -811,7 +793,7 @@ impl WriteWork {
             return Ok(Err(Denied {
                 op: Operation::Read,
                 patient,
-                resources: vec![reference(&found)],
+                resources: vec![found.reference()],
                 reason: d.reason,
             }));
         }
@@ -820,7 +802,7 @@ impl WriteWork {
                 &self.ctx,
                 Operation::Read,
                 patient,
-                vec![reference(&found)],
+                vec![found.reference()],
                 Outcome::Success,
                 200,
                 None,

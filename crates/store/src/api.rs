@@ -27,6 +27,17 @@ pub struct StoredResource {
     pub author_org: Option<String>,
 }
 
+impl StoredResource {
+    /// `Type/id/_history/version`: how audit records name this version.
+    pub fn reference(&self) -> String {
+        versioned_reference(&self.resource_type, &self.id, self.version)
+    }
+}
+
+fn versioned_reference(resource_type: &str, id: &str, version: i64) -> String {
+    format!("{resource_type}/{id}/_history/{version}")
+}
+
 /// The current version of a resource as stored, its body not parsed: what a
 /// read answers with, without a parse and a re-serialisation (the stored text is
 /// the stamped body as `serde_json` writes it, byte for byte).
@@ -47,6 +58,11 @@ pub struct StoredText {
 }
 
 impl StoredText {
+    /// `Type/id/_history/version`, as [`StoredResource::reference`].
+    pub fn reference(&self) -> String {
+        versioned_reference(&self.resource_type, &self.id, self.version)
+    }
+
     /// The `meta.security` labels. The text is parsed only when it names
     /// `"security"` somewhere: a body without that key has no labels (the text is
     /// `serde_json`'s, which writes every key unescaped, so the key cannot hide).
